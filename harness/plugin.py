@@ -1,0 +1,307 @@
+"""The harness's pytest plugin: options, markers, session fixtures, the header and the report.
+
+The only module of `harness` that imports pytest. Registered through the `pytest11` entry point
+(name "harness.plugin") and, for checkouts that are not installed, by the root conftest.py.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import capabilities as caps_mod
+from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
+from harness.errors import HarnessUsageError
+from harness.results import Result
+
+_STATE_KEY = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("harness", "LLM inference validation harness")
+    group.addoption("--model", action="append", default=None, metavar="SPEC",
+                    help=f"model(s) under test, repeatable or comma-separated: {DEFAULT_MODEL} (default), a local "
+                         "HF directory, a .gguf file, a hub id in the local cache, tiny:<arch>, tiny:all, random:<shape>")
+    group.addoption("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    group.addoption("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    group.addoption("--attn", default="", metavar="IMPLS",
+                    help="comma-separated attention implementations to test (default: every one available)")
+    group.addoption("--memory-budget", default=None, metavar="SIZE", help="device memory budget for every test, e.g. 12GiB")
+    group.addoption("--report-dir", default=None, metavar="DIR",
+                    help="write report.md, results.json, capabilities.json and junit.xml under DIR/<run>/")
+    group.addoption("--seed", type=int, default=0, help="seed for inputs drawn by the suites (default 0)")
+    group.addoption("--thresholds", default=None, metavar="FILE", help="JSON file overriding tolerances and thresholds")
+    group.addoption("--allow-remote-code", action="store_true", help="allow models that ship their own Python code")
+    group.addoption("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) checkpoints")
+    group.addoption("--run-slow", action="store_true", help="also run tests marked slow (the full profile)")
+
+
+def _run_config(config) -> RunConfig:
+    raw = config.getoption("--model") or [DEFAULT_MODEL]
+    models = tuple(m.strip() for value in raw for m in value.split(",") if m.strip())
+    budget = config.getoption("--memory-budget")
+    return RunConfig(
+        models=models or (DEFAULT_MODEL,),
+        device=config.getoption("--device"),
+        dtype=config.getoption("--dtype"),
+        attn=tuple(a.strip() for a in config.getoption("--attn").split(",") if a.strip()),
+        memory_budget_bytes=parse_bytes(budget) if budget else None,
+        report_dir=config.getoption("--report-dir"),
+        seed=config.getoption("--seed"),
+        allow_remote_code=config.getoption("--allow-remote-code"),
+        allow_pickle=config.getoption("--allow-pickle"),
+        thresholds_file=config.getoption("--thresholds"),
+    )
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with the reason on CPU")
+    config.addinivalue_line("markers", "slow: part of the full profile; runs only with --run-slow")
+    config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
+    from harness.models import resolve_model
+
+    try:
+        run = _run_config(config)
+        specs = [s for text in run.models for s in resolve_model(
+            text, allow_remote_code=run.allow_remote_code, allow_pickle=run.allow_pickle)]
+        device = caps_mod.resolve_device(run.device)
+        dtype = caps_mod.resolve_dtype(run.dtype, device)
+        tolerances = load_tolerances(run.thresholds_file)
+    except HarnessUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    state = {"run": run, "specs": specs, "device": device, "dtype": dtype, "tolerances": tolerances,
+             "records": [], "outcomes": [], "started": time.time(), "run_dir": None}
+    config.stash[_STATE_KEY] = state
+    config.pluginmanager.register(_OutcomeRecorder(state["outcomes"]), "harness-outcomes")
+    if run.report_dir and not hasattr(config, "workerinput"):
+        from harness.report import new_run_dir
+
+        run_dir = new_run_dir(Path(run.report_dir), specs)
+        state["run_dir"] = run_dir
+        if not config.option.xmlpath:
+            config.option.xmlpath = str(run_dir / "junit.xml")
+
+
+def _state(config) -> dict:
+    return config.stash[_STATE_KEY]
+
+
+def _capabilities(config):
+    state = _state(config)
+    if "caps" not in state:
+        state["caps"] = caps_mod.detect(state["device"], state["dtype"])
+    return state["caps"]
+
+
+def pytest_report_header(config):
+    state = _state(config)
+    import torch
+    import transformers
+
+    lines = [f"harness: models {', '.join(s.label for s in state['specs'])}",
+             f"harness: device {state['device']}, dtype {str(state['dtype']).removeprefix('torch.')}, "
+             f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
+             "harness capabilities:"]
+    return lines + caps_mod.as_table(_capabilities(config))
+
+
+def pytest_generate_tests(metafunc):
+    if "model_spec" in metafunc.fixturenames:
+        specs = _state(metafunc.config)["specs"]
+        metafunc.parametrize("model_spec", specs, ids=[s.name for s in specs], scope="session")
+
+
+def pytest_collection_modifyitems(config, items):
+    state = _state(config)
+    on_gpu = state["device"].type == "cuda"
+    run_slow = config.getoption("--run-slow")
+    for item in items:
+        if item.get_closest_marker("gpu") and not on_gpu:
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state['device']}"))
+        if item.get_closest_marker("slow") and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers("needs"):
+        for name in marker.args:
+            reason = capability_skip_reason(item.config, name)
+            if reason:
+                pytest.skip(reason)
+
+
+def capability_skip_reason(config, name: str) -> str | None:
+    cap = caps_mod.by_name(_capabilities(config)).get(name)
+    if cap is None:
+        return f"unknown capability {name!r}"
+    return None if cap.available else f"{name} unavailable: {cap.reason}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="session")
+def run_config(request) -> RunConfig:
+    return _state(request.config)["run"]
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return _state(request.config)["device"]
+
+
+@pytest.fixture(scope="session")
+def dtype(request):
+    return _state(request.config)["dtype"]
+
+
+@pytest.fixture(scope="session")
+def tolerances(request):
+    return _state(request.config)["tolerances"]
+
+
+@pytest.fixture(scope="session")
+def capabilities(request):
+    """The capability matrix: a tuple of harness.capabilities.Capability."""
+    return _capabilities(request.config)
+
+
+@pytest.fixture(scope="session")
+def require(request):
+    """require('sdpa_flash', ...) skips the calling test with the matrix's reason when absent."""
+
+    def _require(*names: str) -> None:
+        for name in names:
+            reason = capability_skip_reason(request.config, name)
+            if reason:
+                pytest.skip(reason)
+
+    return _require
+
+
+def _usage_guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except HarnessUsageError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_spec):
+    from harness.models import load_tokenizer
+
+    return _usage_guard(load_tokenizer, model_spec)
+
+
+class ModelFactory:
+    """Loads variants of one model under test, each once per run (a small LRU bounds memory)."""
+
+    def __init__(self, spec, device, dtype, keep: int = 3):
+        self.spec, self.device, self.dtype, self.keep = spec, device, dtype, keep
+        self._cache: dict[tuple, object] = {}
+
+    def __call__(self, attn_implementation: str = "eager", dtype=None, quantization=None, quantization_config=None):
+        """quantization: a hashable name for the scheme; quantization_config: the transformers config."""
+        from harness.models import load_model
+
+        dtype = dtype or self.dtype
+        key = (attn_implementation, str(dtype), quantization)
+        if key not in self._cache:
+            if len(self._cache) >= self.keep:
+                self._cache.pop(next(iter(self._cache)))
+                _free_device_memory(self.device)
+            self._cache[key] = _usage_guard(load_model, self.spec, device=self.device, dtype=dtype,
+                                            attn_implementation=attn_implementation,
+                                            quantization_config=quantization_config)
+        else:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
+        return self._cache[key]
+
+    def clear(self) -> None:
+        self._cache.clear()
+        _free_device_memory(self.device)
+
+
+def _free_device_memory(device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(scope="session")
+def model_factory(model_spec, device, dtype):
+    factory = ModelFactory(model_spec, device, dtype)
+    yield factory
+    factory.clear()
+
+
+@pytest.fixture(scope="session")
+def reference_model(model_factory):
+    """The model under test with eager attention in the run's dtype."""
+    return model_factory("eager")
+
+
+@pytest.fixture
+def record_result(request):
+    """record_result(check=..., metric=..., value=..., threshold=..., passed=..., where=..., **details)."""
+    suite = Path(str(request.node.path)).stem
+
+    def _record(check: str, metric: str, value, threshold=None, passed=None, where: str = "", **details) -> Result:
+        result = Result(suite=suite, check=check, metric=metric, value=value, threshold=threshold,
+                        passed=passed, where=where, details={"test": request.node.nodeid, **details})
+        _state(request.config)["records"].append(result)
+        return result
+
+    return _record
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes and the report
+
+
+class _OutcomeRecorder:
+    """Keeps one row per test phase that decided the outcome (call, or a failed/skipped setup)."""
+
+    def __init__(self, rows: list):
+        self.rows = rows
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or report.outcome != "passed":
+            self.rows.append(_outcome_row(report))
+
+
+def _outcome_row(report) -> dict:
+    reason = ""
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+    elif report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        reason = crash.message.splitlines()[0] if crash is not None and crash.message else str(report.longrepr).splitlines()[-1]
+    path = report.nodeid.split("::")[0]
+    return {"nodeid": report.nodeid, "suite": Path(path).stem, "when": report.when,
+            "outcome": report.outcome, "duration_s": round(report.duration, 4), "reason": reason[:500]}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    state = session.config.stash.get(_STATE_KEY, None)
+    if state is None:
+        return
+    if state["run_dir"] is not None:
+        from harness.report import write_report
+
+        write_report(state["run_dir"], state, _capabilities(session.config), exitstatus=int(exitstatus))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    state = config.stash.get(_STATE_KEY, None)
+    if state and state["run_dir"] is not None:
+        terminalreporter.write_line(f"harness report: {state['run_dir'] / 'report.md'}")
