@@ -300,8 +300,9 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
         if spec.kind == "hub":
             raise HarnessUsageError(f"--model {spec.name}: not in the local Hugging Face cache and this run is offline ({_first_line(exc)})") from None
         raise HarnessUsageError(f"--model {spec.name}: cannot load ({_first_line(exc)})") from None
-    except (ValueError, ImportError, RuntimeError) as exc:
-        raise HarnessUsageError(f"--model {spec.name} with attn_implementation={attn_implementation}: {_first_line(exc)}") from None
+    except Exception as exc:  # transformers raises many types for unusable checkpoints
+        raise HarnessUsageError(f"--model {spec.name}: cannot load with attn_implementation={attn_implementation} "
+                                f"({type(exc).__name__}: {_first_line(exc)})") from None
     if quantization_config is None:
         model.to(torch.device(device))
     model.eval()

@@ -185,10 +185,12 @@ def require(request):
 
 
 def _usage_guard(fn, *args, **kwargs):
+    """Run a loader; a HarnessUsageError fails the test with its one line and no traceback."""
     try:
         return fn(*args, **kwargs)
     except HarnessUsageError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        message = str(exc)
+    pytest.fail(message, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -74,13 +74,13 @@ def _tiny_qwen2():
                        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
 
 
-def _llama(hidden, inter, layers, heads, kv_heads, vocab=32000, ctx=4096):
+def _llama(hidden, inter, layers, heads, kv_heads, vocab=32000, ctx=4096, tied=False):
     def make():
         from transformers import LlamaConfig
 
         return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=ctx,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
 
     return make
 
@@ -101,7 +101,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("tiny:falcon-mqa", "falcon", "Falcon multi-query attention (one KV head) + RoPE", _tiny_falcon_mqa),
     Preset("tiny:qwen2", "qwen2", "Qwen2 RoPE + GQA with QKV bias", _tiny_qwen2),
     Preset("random:llama-1b", "llama", "1B-shaped Llama (Llama-3.2-1B dims), random weights",
-           _llama(2048, 8192, 16, 32, 8, vocab=32000, ctx=16384), large=True),
+           _llama(2048, 8192, 16, 32, 8, vocab=128256, ctx=16384, tied=True), large=True),
     Preset("random:llama-7b", "llama", "7B-shaped Llama (Llama-2-7B dims), random weights",
            _llama(4096, 11008, 32, 32, 32, vocab=32000, ctx=16384), large=True),
     Preset("random:mistral-7b", "mistral", "7B-shaped Mistral (GQA 32/8, sliding window 4096), random weights",

@@ -1,0 +1,95 @@
+"""The GGUF -> safetensors cache: converted once, verified on reuse, rebuilt when damaged,
+never left half-written."""
+
+import json
+import time
+
+import pytest
+
+from harness import models
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A GGUF path whose 'conversion' writes small files, so cache mechanics run in milliseconds."""
+    monkeypatch.setenv("LLM_HARNESS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "check_gguf", lambda path: {"architecture": "llama"})
+    calls = []
+
+    def convert(gguf_path, out_dir):
+        calls.append(out_dir)
+        (out_dir / "model.safetensors").write_bytes(b"weights" * 1000)
+        (out_dir / "config.json").write_text("{}")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF-fake" * 100)
+    return path, calls
+
+
+def test_second_use_reuses_the_conversion(fake_gguf):
+    path, calls = fake_gguf
+    first = models.converted_gguf_dir(path, log=lambda *_: None)
+    second = models.converted_gguf_dir(path, log=lambda *_: None)
+    assert first == second and len(calls) == 1
+    manifest = json.loads((first / models.MANIFEST).read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "config.json"}
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "delete_manifest", "delete_weights"])
+def test_damaged_cache_is_rebuilt(fake_gguf, damage):
+    path, calls = fake_gguf
+    d = models.converted_gguf_dir(path, log=lambda *_: None)
+    weights = d / "model.safetensors"
+    if damage == "flip_byte":
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "delete_manifest":
+        (d / models.MANIFEST).unlink()
+    else:
+        weights.unlink()
+    messages = []
+    rebuilt = models.converted_gguf_dir(path, log=messages.append)
+    assert rebuilt == d and len(calls) == 2
+    assert models._cache_is_valid(rebuilt)
+    assert any("rebuilding" in m for m in messages) or damage == "delete_manifest"
+
+
+def test_failed_conversion_leaves_no_partial_cache(fake_gguf, monkeypatch):
+    path, _ = fake_gguf
+
+    def explode(gguf_path, out_dir):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(models, "_convert_gguf", explode)
+    with pytest.raises(RuntimeError):
+        models.converted_gguf_dir(path, log=lambda *_: None)
+    root = models.cache_root()
+    leftovers = [p.name for p in root.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+
+
+def test_a_changed_gguf_gets_its_own_cache_entry(fake_gguf):
+    path, calls = fake_gguf
+    first = models.converted_gguf_dir(path, log=lambda *_: None)
+    path.write_bytes(b"GGUF-other" * 100)
+    second = models.converted_gguf_dir(path, log=lambda *_: None)
+    assert first != second and len(calls) == 2
+
+
+def test_default_model_cache_is_verified_and_fast_on_reuse(record_property):
+    """The real embedded model: converted (once per machine), then loaded from safetensors."""
+    import torch
+
+    spec = models.resolve_model("smollm2-135m")[0]
+    models.model_source_dir(spec)  # converts if this machine has not yet
+    start = time.perf_counter()
+    model = models.load_model(spec, device=torch.device("cpu"), dtype=torch.float32)
+    models.load_tokenizer(spec)
+    record_property("second_load_s", round(time.perf_counter() - start, 3))
+    assert model.config.num_hidden_layers == 30
+    assert models._cache_is_valid(models.converted_gguf_dir(models.default_gguf_path()))
