@@ -1,0 +1,77 @@
+"""The plugin end to end: header, parametrization over models, skips with reasons, the report."""
+
+import json
+
+import pytest
+
+SUITE = '''
+import pytest
+
+def test_reference_is_eager(model_spec, reference_model):
+    assert reference_model.config._attn_implementation == "eager"
+
+@pytest.mark.needs("sdpa_cudnn")
+def test_needs_cudnn(model_spec):
+    pass
+
+@pytest.mark.gpu
+def test_gpu_only():
+    pass
+
+def test_records(record_result):
+    record_result("demo", "max_abs_error", 0.125, threshold=0.5, passed=True, where="layer 3")
+
+def test_fails():
+    assert 1 == 2, "planted failure"
+'''
+
+
+@pytest.fixture
+def run(pytester):
+    pytester.makepyfile(test_demo=SUITE)
+
+    def _run(*args):
+        return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "-rs", *args)
+
+    return _run
+
+
+def test_header_shows_models_device_and_capability_matrix(run):
+    result = run("--model", "tiny:llama", "-k", "reference")
+    result.stdout.fnmatch_lines(["harness: models tiny:llama (RANDOM weights)*", "harness: device cpu, dtype float32*",
+                                 "harness capabilities:", "*sdpa_math*yes*", "*sdpa_cudnn*no*CUDA*"])
+
+
+def test_model_fixtures_are_parametrized_over_every_model(run):
+    result = run("--model", "tiny:llama,tiny:gpt2", "-k", "reference")
+    result.assert_outcomes(passed=2)
+
+
+def test_skips_state_the_capability_reason(run):
+    result = run("--model", "tiny:llama", "-k", "cudnn or gpu")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(["*sdpa_cudnn unavailable: cuDNN attention needs a CUDA device*",
+                                 "*needs a CUDA device; this run is on cpu*"])
+
+
+def test_report_is_written_with_results_and_reasons(run, pytester):
+    result = run("--model", "tiny:llama", "--report-dir", "out")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    latest = pytester.path / "out" / "latest"
+    assert latest.is_symlink()
+    report = (latest / "report.md").read_text()
+    assert report.startswith("# Inference validation report: FAIL")
+    assert "planted failure" in report and "| demo | max_abs_error | 0.125 | 0.5 | pass | layer 3 |" in report
+    assert "sdpa_cudnn" in report and "needs a CUDA device" in report
+    data = json.loads((latest / "results.json").read_text())
+    assert data["suites"]["test_demo"] == {"passed": 2, "failed": 1, "skipped": 2}
+    assert (latest / "junit.xml").read_text().count("<testcase") == 5
+    assert json.loads((latest / "capabilities.json").read_text())[0]["name"] == "eager"
+
+
+def test_each_run_gets_a_new_directory(run, pytester):
+    run("--model", "tiny:llama", "-k", "records", "--report-dir", "out")
+    run("--model", "tiny:llama", "-k", "records", "--report-dir", "out")
+    runs = [p for p in (pytester.path / "out").iterdir() if p.is_dir() and not p.is_symlink()]
+    assert len(runs) == 2
+    assert not [p for p in (pytester.path / "out").rglob(".*tmp*")]
