@@ -1,0 +1,81 @@
+"""The GPU CI gate and model acceptance run: one command that runs every suite and writes the report.
+
+    python -m harness.gate --model PATH_OR_PRESET [--profile quick|full] [--baseline FILE]
+                           [--memory-budget 70GiB] [--thresholds FILE] [-- extra pytest args]
+
+Exit status 0 only when every equivalence, agreement and budget check passed (pytest's status is
+passed through). Benchmarks are recorded to the run's report directory; with --baseline they are
+compared against it and a regression beyond --max-regression fails the gate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROFILES = {
+    # quick: what a deployment gate needs in minutes: no slow tests, smaller property searches.
+    "quick": {"args": [], "env": {"HYPOTHESIS_PROFILE": "quick"}},
+    # full: the acceptance check: slow tests, full grids, more hypothesis examples.
+    "full": {"args": ["--run-slow"], "env": {"HYPOTHESIS_PROFILE": "full"}},
+}
+
+
+def build_command(opts, extra: list[str]) -> tuple[list[str], dict]:
+    cmd = [sys.executable, "-m", "pytest", str(Path(opts.suites)), "-p", "no:cacheprovider",
+           "--model", opts.model, "--device", opts.device, "--dtype", opts.dtype,
+           "--report-dir", opts.report_dir, "-rfEs"]
+    if opts.memory_budget:
+        cmd += ["--memory-budget", opts.memory_budget]
+    if opts.thresholds:
+        cmd += ["--thresholds", opts.thresholds]
+    if opts.attn:
+        cmd += ["--attn", opts.attn]
+    if opts.save_baseline:
+        cmd += ["--benchmark-json", opts.save_baseline]
+    if opts.baseline:
+        cmd += [f"--benchmark-compare={opts.baseline}", f"--benchmark-compare-fail=median:{opts.max_regression}"]
+    cmd += PROFILES[opts.profile]["args"] + extra
+    env = dict(os.environ, **PROFILES[opts.profile]["env"])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return cmd, env
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="model under test (see pytest --help, --model)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--attn", default="", help="attention implementations to test (default: all available)")
+    p.add_argument("--memory-budget", default=None, help="device memory budget per test, e.g. 70GiB")
+    p.add_argument("--thresholds", default=None, help="JSON file with the acceptance thresholds of your repo")
+    p.add_argument("--baseline", default=None, help="pytest-benchmark JSON of an earlier run to compare against")
+    p.add_argument("--save-baseline", default=None, metavar="FILE", help="write this run's benchmarks to FILE")
+    p.add_argument("--max-regression", default="10%", help="allowed median slowdown vs the baseline (default 10%%)")
+    p.add_argument("--report-dir", default="reports")
+    p.add_argument("--suites", default=str(Path(__file__).resolve().parent.parent / "suites"))
+    p.add_argument("--dry-run", action="store_true", help="print the pytest command and exit")
+    if "--" in argv:
+        i = argv.index("--")
+        return p.parse_args(argv[:i]), argv[i + 1:]
+    return p.parse_args(argv), []
+
+
+def main(argv=None) -> int:
+    opts, extra = parse(sys.argv[1:] if argv is None else argv)
+    cmd, env = build_command(opts, extra)
+    if opts.dry_run:
+        print(" ".join(cmd))
+        return 0
+    if not Path(opts.suites).is_dir():
+        print(f"harness.gate: no suites directory at {opts.suites}", file=sys.stderr)
+        return 4
+    return subprocess.call(cmd, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
