@@ -73,6 +73,8 @@ def pytest_configure(config):
         tolerances = load_tolerances(run.thresholds_file)
     except HarnessUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
+    _register_hypothesis_profiles()
+    _activate_planted_fault_from_env()
     state = {"run": run, "specs": specs, "device": device, "dtype": dtype, "tolerances": tolerances,
              "records": [], "outcomes": [], "started": time.time(), "run_dir": None}
     config.stash[_STATE_KEY] = state
@@ -84,6 +86,43 @@ def pytest_configure(config):
         state["run_dir"] = run_dir
         if not config.option.xmlpath:
             config.option.xmlpath = str(run_dir / "junit.xml")
+
+
+def _register_hypothesis_profiles() -> None:
+    """ci (default): bounded for the 2-core CI budget; quick: the GPU gate; full: acceptance runs.
+    Select with HYPOTHESIS_PROFILE; suites' own @settings override per test where a search needs it."""
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                  print_blob=True)
+    settings.register_profile("ci", max_examples=30, derandomize=True, **common)
+    settings.register_profile("quick", max_examples=60, derandomize=True, **common)
+    settings.register_profile("full", max_examples=400, **common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"
+
+
+def _activate_planted_fault_from_env() -> None:
+    """Exists only to prove the gate fails: HARNESS_PLANTED_FAULT=<name> breaks one implementation
+    (the faults live in tests/planted_faults.py of a checkout; they are never on by default)."""
+    import os
+
+    name = os.environ.get(PLANTED_FAULT_ENV)
+    if not name:
+        return
+    try:
+        from tests.planted_faults import activate_planted_fault
+    except ImportError as exc:
+        raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: planted faults need a checkout with tests/ ({exc})") from None
+    try:
+        activate_planted_fault(name)
+    except KeyError as exc:
+        raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: unknown fault {exc}") from None
+    print(f"[harness] PLANTED FAULT ACTIVE: {name} (this run is expected to fail)")
 
 
 def _state(config) -> dict:
