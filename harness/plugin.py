@@ -61,6 +61,7 @@ def _run_config(config) -> RunConfig:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with the reason on CPU")
     config.addinivalue_line("markers", "slow: part of the full profile; runs only with --run-slow")
+    config.addinivalue_line("markers", "acceptance: checks that need trained weights")
     config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
     from harness.models import resolve_model
 
