@@ -282,9 +282,7 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
             raise HarnessUsageError(f"{spec.name}: quantised variants of presets are not supported; use a trained model")
         from harness.presets import build_preset
 
-        model = build_preset(spec.name, device, dtype)
-        model.set_attn_implementation(attn_implementation)
-        return model
+        return build_preset(spec.name, device, dtype, attn_implementation=attn_implementation)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,
                   trust_remote_code=spec.allow_remote_code)
     if spec.kind == "hf_dir":

@@ -6,6 +6,7 @@ The only module of `harness` that imports pytest. Registered through the `pytest
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: part of the full profile; runs only with --run-slow")
     config.addinivalue_line("markers", "acceptance: checks that need trained weights")
     config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
+    config.addinivalue_line("markers", "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'")
     from harness.models import resolve_model
 
     try:
@@ -340,6 +342,7 @@ def pytest_sessionfinish(session, exitstatus):
     if state["run_dir"] is not None:
         from harness.report import write_report
 
+        state["benchmarks"] = _benchmark_document(session.config)
         write_report(state["run_dir"], state, _capabilities(session.config), exitstatus=int(exitstatus))
 
 
@@ -347,3 +350,84 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = config.stash.get(_STATE_KEY, None)
     if state and state["run_dir"] is not None:
         terminalreporter.write_line(f"harness report: {state['run_dir'] / 'report.md'}")
+
+
+# --- memory budgets (issue 6) ---
+# A budget comes from @pytest.mark.memory_budget("12GiB") on the test, else --memory-budget for the
+# whole run; it covers the test's call (fixtures load models beforehand, and what they hold counts:
+# the budget is for memory in use). harness.memory says how each device is measured.
+
+
+def _budget_for(item) -> int | None:
+    marker = item.get_closest_marker("memory_budget")
+    if marker is None:
+        return _state(item.config)["run"].memory_budget_bytes
+    if len(marker.args) != 1:
+        raise pytest.UsageError(f"{item.nodeid}: memory_budget takes one size, e.g. memory_budget('12GiB')")
+    try:
+        return parse_bytes(str(marker.args[0]))
+    except HarnessUsageError as exc:
+        raise pytest.UsageError(f"{item.nodeid}: memory_budget: {exc}") from None
+
+
+def _record_budget(config, nodeid: str, peak, budget: int, passed: bool) -> None:
+    from harness.config import format_bytes
+
+    _state(config)["records"].append(Result(
+        suite=Path(nodeid.split("::")[0]).stem, check="memory budget", metric="peak MiB",
+        value=round(peak.peak_bytes / 2**20, 1), threshold=round(budget / 2**20, 1), passed=passed,
+        where=peak.method, details={"test": nodeid, "budget": format_bytes(budget), **peak.to_dict()}))
+
+
+@contextlib.contextmanager
+def _budgeted(config, nodeid: str, budget: int):
+    from harness.memory import MemoryBudgetExceeded, measure_peak
+
+    try:
+        with measure_peak(_state(config)["device"], budget_bytes=budget) as peak:
+            yield peak
+    except MemoryBudgetExceeded as exc:
+        _record_budget(config, nodeid, exc.peak, budget, passed=False)
+        message = str(exc)
+    else:
+        _record_budget(config, nodeid, peak, budget, passed=True)
+        return
+    pytest.fail(message, pytrace=False)  # outside the except: the OOM's frames (and tensors) are released
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    budget = _budget_for(item)
+    if budget is None:
+        return (yield)
+    with _budgeted(item.config, item.nodeid, budget):
+        return (yield)
+
+
+@pytest.fixture
+def memory_budget(request):
+    """`with memory_budget("2GiB") as peak:` fails the test if the block's peak exceeds 2 GiB;
+    `peak` (a harness.memory.MemoryPeak) holds the numbers afterwards."""
+
+    def _budget(size):
+        try:
+            budget = parse_bytes(size) if isinstance(size, str) else int(size)
+        except HarnessUsageError as exc:
+            pytest.fail(f"memory_budget: {exc}", pytrace=False)
+        return _budgeted(request.config, request.node.nodeid, budget)
+
+    return _budget
+
+
+def _benchmark_document(config) -> dict | None:
+    """pytest-benchmark's JSON document for this run's benchmarks (None when none ran)."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not getattr(session, "benchmarks", None):
+        return None
+    try:
+        return config.hook.pytest_benchmark_generate_json(
+            config=config, benchmarks=session.benchmarks, include_data=True,
+            machine_info=session.get_machine_info(),
+            commit_info=config.hook.pytest_benchmark_generate_commit_info(config=config))
+    except Exception as exc:  # a report without benchmarks beats no report
+        return {"benchmarks": [], "error": f"{type(exc).__name__}: {exc}"}

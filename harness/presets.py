@@ -118,7 +118,7 @@ def get_preset(name: str) -> Preset:
         raise HarnessUsageError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def build_preset(name: str, device, dtype, seed: int = TINY_SEED):
+def build_preset(name: str, device, dtype, seed: int = TINY_SEED, attn_implementation: str = "eager"):
     """Instantiate a preset with a fixed seed directly on `device` (no CPU copy for large ones)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -130,6 +130,7 @@ def build_preset(name: str, device, dtype, seed: int = TINY_SEED):
         if getattr(device, "type", str(device)) == "cuda":
             torch.cuda.manual_seed_all(seed)
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            # chosen at construction: some families (Falcon) cannot switch implementation afterwards
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     model.eval()
     return model

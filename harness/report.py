@@ -120,5 +120,12 @@ def write_report(run_dir: Path, state, caps, exitstatus: int) -> dict:
     summary = build_summary(state, caps, exitstatus)
     atomic_write(run_dir / "results.json", json.dumps(summary, indent=1, default=str))
     atomic_write(run_dir / "capabilities.json", json.dumps(summary["capabilities"], indent=1))
-    atomic_write(run_dir / "report.md", render_markdown(summary))
+    from harness.report_html import benchmarks_markdown, render_html
+
+    benchmarks = state.get("benchmarks")  # pytest-benchmark's JSON document, when benchmarks ran
+    if benchmarks:
+        atomic_write(run_dir / "benchmarks.json", json.dumps(benchmarks, indent=1, default=str))
+    markdown = render_markdown(summary) + benchmarks_markdown(benchmarks)
+    atomic_write(run_dir / "report.md", markdown)
+    atomic_write(run_dir / "report.html", render_html(summary, markdown, benchmarks))
     return summary

@@ -1,0 +1,537 @@
+"""Peak memory of a block of code, and the predictions to compare it with.
+
+Measurement (`measure_peak`), per device:
+- CUDA: the PyTorch allocator's own peak counters (reset at the start of the block) *and* the
+  device's used memory from NVML, polled every 10 ms by a thread (as optimum-benchmark does), so
+  memory allocated outside PyTorch's allocator (cuBLAS workspaces, NCCL, other libraries, the CUDA
+  context) counts too. The number compared with a budget is the larger of the two.
+- CPU: the process's resident set. The kernel keeps its high-water mark (VmHWM); writing "5" to
+  /proc/self/clear_refs resets it, so the peak of the block is exact, not sampled. Before the
+  block, garbage is collected and glibc is asked to return freed heap pages (malloc_trim), so
+  memory that was freed earlier but still resident is not mistaken for the block's. Where the
+  high-water mark cannot be reset (non-Linux), a thread samples the resident set every 1 ms
+  and the method says so.
+Measurements nest: an inner block folds its peak into the blocks around it.
+
+Predictions: weight bytes per quantisation scheme, KV-cache bytes, and the N x N score matrices
+that eager attention materialises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import math
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from harness.config import format_bytes
+
+NVML_POLL_S = 0.010
+RSS_POLL_S = 0.001
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+
+
+@dataclass
+class MemoryPeak:
+    """What a measured block used. `start/peak/end_bytes` are the budgeted quantity: device memory
+    in use (CUDA: max of allocator reserved and NVML used) or the process's resident set (CPU)."""
+
+    device: str
+    method: str
+    start_bytes: int = 0
+    peak_bytes: int = 0
+    end_bytes: int = 0
+    torch_allocated_start: int | None = None
+    torch_allocated_peak: int | None = None
+    torch_allocated_end: int | None = None
+    torch_reserved_peak: int | None = None
+    nvml_used_peak: int | None = None
+    out_of_memory: str | None = None
+
+    @property
+    def increase_bytes(self) -> int:
+        """Peak extra memory of the block, from the most precise counter available."""
+        if self.torch_allocated_peak is not None:
+            return self.torch_allocated_peak - self.torch_allocated_start
+        return self.peak_bytes - self.start_bytes
+
+    @property
+    def retained_bytes(self) -> int:
+        """Memory still held at the end of the block (e.g. loaded weights, a filled cache)."""
+        if self.torch_allocated_end is not None:
+            return self.torch_allocated_end - self.torch_allocated_start
+        return self.end_bytes - self.start_bytes
+
+    def describe(self) -> str:
+        parts = [f"peak {format_bytes(self.peak_bytes)}", f"at start {format_bytes(self.start_bytes)}",
+                 f"increase {format_bytes(self.increase_bytes)}"]
+        if self.torch_allocated_peak is not None:
+            parts.append(f"torch allocated peak {format_bytes(self.torch_allocated_peak)}, "
+                         f"reserved peak {format_bytes(self.torch_reserved_peak or 0)}")
+        if self.nvml_used_peak is not None:
+            parts.append(f"NVML device used peak {format_bytes(self.nvml_used_peak)}")
+        return "; ".join(parts) + f" [method: {self.method}]"
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__} | {
+            "increase_bytes": self.increase_bytes, "retained_bytes": self.retained_bytes}
+
+
+class MemoryBudgetExceeded(Exception):
+    """A budgeted block's peak went over its budget, or it ran out of memory."""
+
+    def __init__(self, peak: MemoryPeak, budget_bytes: int):
+        self.peak, self.budget_bytes = peak, budget_bytes
+        if peak.out_of_memory:
+            head = (f"memory budget {format_bytes(budget_bytes)}: out of memory inside the budgeted block "
+                    f"({peak.out_of_memory})")
+        else:
+            head = (f"memory budget exceeded: peak {format_bytes(peak.peak_bytes)} > budget "
+                    f"{format_bytes(budget_bytes)} (over by {format_bytes(peak.peak_bytes - budget_bytes)})")
+        super().__init__(f"{head}; {peak.describe()}")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None), MemoryError) if t)
+    if isinstance(exc, oom_types):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "not enough memory" in text)
+
+
+_ACTIVE: list["_Meter"] = []  # measurements in progress, outermost first
+
+
+@contextlib.contextmanager
+def measure_peak(device, budget_bytes: int | None = None):
+    """Measure the block's peak memory on `device`; yields a MemoryPeak filled in at exit.
+
+    With `budget_bytes`, a peak above it, or an out-of-memory error inside the block, raises
+    MemoryBudgetExceeded (chained to the OOM). Without, an OOM is recorded in the MemoryPeak's
+    `out_of_memory` and re-raised."""
+    import torch
+
+    device = torch.device(device)
+    meter = _CudaMeter(device) if device.type == "cuda" else _CpuMeter()
+    if _ACTIVE:  # the reset below would erase the outer blocks' peaks so far: hand them over first
+        snapshot = meter.peaks_before_reset()
+        for outer in _ACTIVE:
+            outer.fold(*snapshot)
+    meter.start()
+    _ACTIVE.append(meter)
+    try:
+        yield meter.result
+    except BaseException as exc:
+        _ACTIVE.remove(meter)
+        meter.stop()
+        _fold_into_outer(meter)
+        if is_out_of_memory(exc):
+            meter.result.out_of_memory = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            if budget_bytes is not None:
+                raise MemoryBudgetExceeded(meter.result, budget_bytes) from exc
+        raise
+    _ACTIVE.remove(meter)
+    meter.stop()
+    _fold_into_outer(meter)
+    if budget_bytes is not None and meter.result.peak_bytes > budget_bytes:
+        raise MemoryBudgetExceeded(meter.result, budget_bytes)
+
+
+def _fold_into_outer(meter) -> None:
+    for outer in _ACTIVE:
+        outer.fold(meter.result.peak_bytes, meter.result.torch_allocated_peak, meter.result.torch_reserved_peak,
+                   meter.result.nvml_used_peak)
+
+
+class _Meter:
+    result: MemoryPeak
+
+    def __init__(self):
+        self._folded = [0, None, None, None]  # peaks seen by inner blocks (before their resets)
+
+    def fold(self, peak, allocated=None, reserved=None, nvml=None) -> None:
+        for i, value in enumerate((peak, allocated, reserved, nvml)):
+            if value is not None:
+                self._folded[i] = max(self._folded[i] or 0, value)
+
+    def _max(self, i, value):
+        return value if self._folded[i] is None or value is None else max(value, self._folded[i])
+
+
+class _CpuMeter(_Meter):
+    def __init__(self):
+        super().__init__()
+        self.resettable = _can_reset_hwm()
+        method = ("CPU process resident set: kernel high-water mark (VmHWM) reset via /proc/self/clear_refs"
+                  if self.resettable else f"CPU process resident set sampled every {RSS_POLL_S * 1000:g} ms (may miss short spikes)")
+        if _fix_mmap_threshold():
+            method += "; glibc mmap threshold fixed at 256 KiB"
+        self.result = MemoryPeak(device="cpu", method=method)
+        self._sampler = None
+
+    def peaks_before_reset(self):
+        return (_proc_status("VmHWM") if self.resettable else None,)
+
+    def start(self) -> None:
+        _release_free_memory()
+        if self.resettable:
+            _reset_hwm()
+        else:
+            self._sampler = _Sampler(_proc_rss, RSS_POLL_S)
+        self.result.start_bytes = _proc_rss()
+
+    def stop(self) -> None:
+        peak = _proc_status("VmHWM") if self.resettable else self._sampler.stop()
+        _release_free_memory()
+        r = self.result
+        r.end_bytes = _proc_rss()
+        r.peak_bytes = max(self._max(0, peak), r.start_bytes, r.end_bytes)
+
+
+class _CudaMeter(_Meter):
+    def __init__(self, device):
+        super().__init__()
+        import torch
+
+        self.torch, self.device = torch, device
+        self.nvml = _nvml_handle(device)
+        method = "CUDA: torch allocator peaks (reset at start) + NVML device used memory polled every 10 ms"
+        if self.nvml is None:
+            method = "CUDA: torch allocator peaks (reset at start); NVML unavailable, so memory outside PyTorch is not counted"
+        self.result = MemoryPeak(device=str(device), method=method)
+        self._sampler = None
+
+    def peaks_before_reset(self):
+        t = self.torch
+        reserved = t.cuda.max_memory_reserved(self.device)
+        return reserved, t.cuda.max_memory_allocated(self.device), reserved, None
+
+    def start(self) -> None:
+        t, r = self.torch, self.result
+        t.cuda.synchronize(self.device)
+        gc.collect(1)
+        t.cuda.reset_peak_memory_stats(self.device)
+        r.torch_allocated_start = t.cuda.memory_allocated(self.device)
+        used = t.cuda.memory_reserved(self.device)
+        if self.nvml is not None:
+            self._sampler = _Sampler(lambda: _nvml_used(self.nvml), NVML_POLL_S)
+            used = max(used, self._sampler.first)
+        r.start_bytes = used
+
+    def stop(self) -> None:
+        t, r = self.torch, self.result
+        with contextlib.suppress(RuntimeError):  # a device error already raised is the one to report
+            t.cuda.synchronize(self.device)
+        r.torch_allocated_peak = self._max(1, t.cuda.max_memory_allocated(self.device))
+        r.torch_reserved_peak = self._max(2, t.cuda.max_memory_reserved(self.device))
+        r.torch_allocated_end = t.cuda.memory_allocated(self.device)
+        end = t.cuda.memory_reserved(self.device)
+        if self._sampler is not None:
+            r.nvml_used_peak = self._max(3, self._sampler.stop())
+            end = max(end, _nvml_used(self.nvml))
+        r.end_bytes = end
+        r.peak_bytes = max(self._max(0, r.torch_reserved_peak), r.nvml_used_peak or 0, r.start_bytes, end)
+
+
+class _Sampler:
+    """Polls read() on a daemon thread and keeps the maximum."""
+
+    def __init__(self, read, interval: float):
+        self.read, self.interval = read, interval
+        self.first = self.peak = read()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="harness-memory-sampler")
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.read())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.read())
+        return self.peak
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    return int(match.group(1)) * 1024
+
+
+def _proc_rss() -> int:
+    try:
+        return _proc_status("VmRSS")
+    except OSError:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+
+@functools.lru_cache(maxsize=1)
+def _can_reset_hwm() -> bool:
+    """Whether this kernel lets the process reset its own high-water mark (checked without
+    resetting it, so a measurement in progress keeps its peak)."""
+    try:
+        _proc_status("VmHWM")
+    except (OSError, AttributeError):
+        return False
+    return os.access("/proc/self/clear_refs", os.W_OK)
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+_M_MMAP_THRESHOLD = -3
+_MMAP_FIXED = []
+
+
+def _fix_mmap_threshold() -> bool:
+    """Serve allocations >= 256 KiB with their own mmap, returned to the system on free.
+
+    glibc otherwise raises its mmap threshold after the first large free, after which big tensors
+    come from the heap, whose freed chunks stay resident and fragment: peaks then depend on what
+    ran before (measured: 40 vs 73 MiB for the same prefill). Set once per process."""
+    if not _MMAP_FIXED:
+        try:
+            _MMAP_FIXED.append(bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 256 * 1024)))
+        except (OSError, AttributeError):
+            _MMAP_FIXED.append(False)
+    return _MMAP_FIXED[0]
+
+
+def _release_free_memory(full: bool = False) -> None:
+    # A full collection costs ~0.3 s in a process holding transformers; the young generations
+    # hold the garbage a measured block leaves behind, for a few microseconds.
+    gc.collect() if full else gc.collect(1)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed pages may stay resident, which only overstates the start
+
+
+def _nvml_handle(device):
+    try:
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+        if uuid is not None:  # CUDA and NVML can number devices differently (CUDA_VISIBLE_DEVICES)
+            text = str(uuid)
+            return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith("GPU-") else f"GPU-{text}")
+        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+    except Exception:
+        return None
+
+
+def _nvml_used(handle) -> int:
+    import pynvml
+
+    return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+
+def release_device_memory(device) -> None:
+    """Drop garbage and return cached blocks, so the next measurement starts from live memory."""
+    import torch
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        _release_free_memory(full=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+
+SCHEMES = ("none", "int8", "nf4", "fp4")
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Parameters of a model built from its config on the meta device (nothing allocated)."""
+
+    total: int
+    linear: int           # weights of nn.Linear layers that bitsandbytes would quantise
+    linear_out_features: int  # summed rows of those layers (int8 keeps one fp32 scale per row)
+    linear_bias: int
+    input_embedding: int  # the token table; decode reads only `batch` rows of it
+    output_embedding: int  # the LM head (0 when tied to the input table)
+    tied: bool
+
+    @property
+    def kept_dense(self) -> int:
+        """Parameters every scheme leaves in the compute dtype: embeddings, norms, biases, LM head."""
+        return self.total - self.linear
+
+
+def parameter_counts(config) -> ParameterCounts:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = out is not None and out.weight is inp.weight
+    linear = rows = bias = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not out:
+            linear += module.weight.numel()
+            rows += module.out_features
+            bias += module.bias.numel() if module.bias is not None else 0
+    total = sum(p.numel() for p in model.parameters())
+    return ParameterCounts(total=total, linear=linear, linear_out_features=rows, linear_bias=bias,
+                           input_embedding=inp.weight.numel(),
+                           output_embedding=0 if tied or out is None else out.weight.numel(), tied=tied)
+
+
+@dataclass(frozen=True)
+class WeightPrediction:
+    scheme: str
+    bytes: int
+    breakdown: dict = field(default_factory=dict)
+
+
+def predict_weight_bytes(counts: ParameterCounts, dtype, scheme: str = "none", *, blocksize: int = 64,
+                         double_quant: bool = False) -> WeightPrediction:
+    """Bytes of the weights once loaded. `dtype` is the compute dtype of what stays dense.
+
+    - none: params x bytes per element (the seed's "2 x billions of params GB" in bf16).
+    - int8 (LLM.int8, bitsandbytes Linear8bitLt): 1 byte per linear weight + one fp32 scale per
+      output row; everything else dense.
+    - nf4/fp4 (Linear4bit): half a byte per linear weight + one fp32 absmax per `blocksize`
+      weights; with double quantisation the absmax is itself stored in 8 bits with one fp32
+      absmax per 256 blocks.
+    """
+    import torch
+
+    if scheme not in SCHEMES:
+        from harness.errors import HarnessUsageError
+
+        raise HarnessUsageError(f"unknown quantisation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    dense_size = torch.empty((), dtype=dtype).element_size()
+    if scheme == "none":
+        return WeightPrediction(scheme, counts.total * dense_size, {"dense": counts.total * dense_size})
+    dense = counts.kept_dense * dense_size
+    if scheme == "int8":
+        quant = counts.linear * 1
+        stats = counts.linear_out_features * 4
+    else:
+        quant = math.ceil(counts.linear / 2)
+        blocks = math.ceil(counts.linear / blocksize)
+        stats = blocks * 1 + math.ceil(blocks / 256) * 4 if double_quant else blocks * 4
+    return WeightPrediction(scheme, dense + quant + stats, {"dense": dense, "quantized": quant, "statistics": stats})
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    sliding_window: int | None = None
+
+
+def attention_shape(config) -> AttentionShape:
+    """Heads, KV heads and head size from any decoder config (Llama, Mistral, GPT-2, Falcon, ...)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv = 1  # Falcon's original multi-query attention: one K/V head shared by all queries
+    return AttentionShape(layers=config.num_hidden_layers, heads=heads, kv_heads=kv, head_dim=head_dim,
+                          sliding_window=getattr(config, "sliding_window", None) or None)
+
+
+def kv_bytes_per_token(shape: AttentionShape, dtype) -> int:
+    import torch
+
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def predict_kv_cache_bytes(shape: AttentionShape, batch: int, seq_len: int, dtype) -> int:
+    """K and V for every layer: 2 x layers x batch x kv_heads x head_dim x tokens x bytes."""
+    return kv_bytes_per_token(shape, dtype) * batch * seq_len
+
+
+def attention_scores_bytes(batch: int, heads: int, q_len: int, kv_len: int, dtype) -> int:
+    """One batch x heads x q_len x kv_len score matrix, the tensor flash/SDPA kernels never build."""
+    import torch
+
+    return batch * heads * q_len * kv_len * torch.empty((), dtype=dtype).element_size()
+
+
+def eager_attention_live_scores(dtype) -> float:
+    """How many score matrices (in `dtype` units) transformers' eager attention holds at once.
+
+    `eager_attention_forward`: scores = q @ k^T * scale (1); scores + mask makes a new tensor while
+    the old one is still bound (2); softmax is taken in fp32 and cast back. In fp32 the softmax
+    output replaces one (2 at peak). In half precision the fp32 softmax is 2 units and its cast
+    back 1 more, while the masked scores are still bound: 1 + 2 + 1 = 4."""
+    import torch
+
+    return 2.0 if dtype == torch.float32 else 4.0
+
+
+def predict_eager_attention_peak_bytes(shape: AttentionShape, batch: int, seq_len: int, dtype) -> int:
+    """Extra peak memory of eager over a fused kernel in one prefill layer: the live score
+    matrices plus the materialised batch x 1 x N x N additive mask."""
+    scores = attention_scores_bytes(batch, shape.heads, seq_len, seq_len, dtype)
+    mask = attention_scores_bytes(batch, 1, seq_len, seq_len, dtype)
+    return int(eager_attention_live_scores(dtype) * scores + mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Growth of peak memory with sequence length
+
+
+@dataclass(frozen=True)
+class GrowthFit:
+    """increase(N) ~ quadratic*N^2 + linear*N + constant, fitted by least squares, plus the
+    log-log slope between the two longest lengths (2 = quadratic, 1 = linear)."""
+
+    lengths: tuple[int, ...]
+    increases: tuple[int, ...]
+    quadratic: float
+    linear: float
+    constant: float
+    exponent: float
+
+    def quadratic_share(self) -> float:
+        """Fraction of the fitted increase at the longest length due to the N^2 term."""
+        n = self.lengths[-1]
+        total = self.quadratic * n * n + self.linear * n + self.constant
+        return self.quadratic * n * n / total if total > 0 else float("nan")
+
+
+def fit_growth(lengths, increases) -> GrowthFit:
+    import numpy as np
+
+    pairs = sorted(zip(lengths, increases))
+    n = np.array([p[0] for p in pairs], dtype=float)
+    y = np.array([p[1] for p in pairs], dtype=float)
+    quadratic, linear, constant = np.polyfit(n, y, 2)
+    lo, hi = max(y[-2], 1.0), max(y[-1], 1.0)
+    exponent = math.log(hi / lo) / math.log(n[-1] / n[-2])
+    return GrowthFit(tuple(int(v) for v in n), tuple(int(v) for v in y), float(quadratic), float(linear),
+                     float(constant), exponent)
+
+
+SCALING_CHECK = "prefill peak memory vs length"  # results of this check are plotted by the report

@@ -1,0 +1,260 @@
+"""Faster? Speed benchmarks, recorded with pytest-benchmark, never pass/fail on time.
+
+Every benchmark times whole generate() calls with a device-synchronised timer (warm-up rounds
+excluded; pytest-benchmark reports medians and the spread) and forces the length
+(min_new_tokens == max_new_tokens). A streamer timestamps each token, splitting a call into time
+to first token (TTFT) and time per output token (TPOT). From those:
+prefill tokens/s = batch x prompt / TTFT, decode tokens/s = batch / TPOT,
+MBU = bytes a decode step must read / TPOT / measured copy bandwidth,
+MFU = prefill FLOPs / TTFT / measured matmul peak (both peaks measured once per run).
+Figures go into benchmark.extra_info (so into the benchmark JSON and the report) and record_result.
+
+Regressions are caught by comparing with a saved baseline: see harness/regression.py.
+"""
+
+import statistics
+
+import pytest
+import torch
+
+from harness.memory import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
+from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, measure_device_peaks, percentile,
+                            prefill_flops, time_calls, utilisation)
+
+# pytest-benchmark reads only the closest `benchmark` marker, so every one repeats the timer.
+SYNCED = {"timer": device_timer, "disable_gc": True}
+pytestmark = pytest.mark.benchmark(group="generate", **SYNCED)
+
+SHAPE = {"cpu": {"prompt": 16, "new_tokens": 4, "rounds": 2, "warmup": 1},
+         "cuda": {"prompt": 512, "new_tokens": 32, "rounds": 3, "warmup": 1}}
+CPU_MAX_BATCH = 1
+ATTN = ["eager", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.needs("flash_attention_2"))]
+BATCHES = [1, 4, 16, 64]
+
+
+@pytest.fixture(scope="session")
+def speed_spec(model_spec):
+    if model_spec.kind == "preset" and model_spec.name.startswith("tiny:"):
+        pytest.skip(f"{model_spec.name} is a correctness fixture (hidden size 64): its speed says nothing; "
+                    "benchmarks run on the default model or a random:<shape> preset")
+    return model_spec
+
+
+@pytest.fixture(scope="session")
+def device_peaks(device, dtype):
+    """Copy bandwidth and matmul throughput of this device, measured once per run."""
+    return measure_device_peaks(device, dtype)
+
+
+@pytest.fixture(scope="session")
+def counts(speed_spec, reference_model):
+    return parameter_counts(reference_model.config)
+
+
+def _check_batch(request, device, batch: int) -> None:
+    if device.type == "cpu" and batch > CPU_MAX_BATCH and not request.config.getoption("--run-slow"):
+        pytest.skip(f"batch {batch} on CPU is part of the full profile (--run-slow)")
+
+
+def _check_attn(run_config, attn: str) -> None:
+    if run_config.attn and attn not in run_config.attn:
+        pytest.skip(f"--attn {','.join(run_config.attn)} excludes {attn}")
+
+
+def _variant_model(model_factory, attn: str, **kwargs):
+    model = model_factory(attn, **kwargs)
+    if model.config._attn_implementation != attn or not getattr(model, "_can_set_attn_implementation", lambda: True)():
+        pytest.skip(f"{type(model).__name__} cannot run attn_implementation={attn!r} after loading")
+    return model
+
+
+def _run_generate(benchmark, model, device, *, batch: int, new_tokens: int, seed: int, warmup: int | None = None,
+                  **generate_kwargs) -> list[TokenClock]:
+    """Benchmark generate() of exactly `new_tokens` tokens from a random prompt; returns the timed rounds' clocks."""
+    shape = SHAPE[device.type]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (batch, shape["prompt"]), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    warmup = shape["warmup"] if warmup is None else warmup
+    clocks: list[TokenClock] = []
+
+    def setup():
+        clock = TokenClock()
+        clocks.append(clock)
+        clock.start()
+        return (clock,), {}
+
+    def generate(clock):
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=pad, streamer=clock, **generate_kwargs)
+
+    benchmark.pedantic(generate, setup=setup, rounds=shape["rounds"], warmup_rounds=warmup, iterations=1)
+    timed = clocks[warmup:]
+    assert all(len(c.stamps) == new_tokens for c in timed), "generate() produced a different number of tokens than forced"
+    return timed
+
+
+def _describe(benchmark, record_result, model_spec, variant: dict, figures: dict, device_peaks) -> None:
+    benchmark.extra_info.update(model=model_spec.name, **variant, **figures, device_peaks=device_peaks.to_dict())
+    where = ", ".join(f"{k}={v}" for k, v in variant.items() if k != "kind")
+    for metric in ("ttft_s", "tpot_s", "prefill_tokens_per_s", "decode_tokens_per_s", "mbu", "mfu"):
+        if metric in figures:
+            record_result(f"speed ({variant['kind']})", metric, figures[metric], where=where)
+
+
+def _prefill_figures(clocks, counts, config, batch: int, device, device_peaks) -> dict:
+    prompt = SHAPE[device.type]["prompt"]
+    ttft = statistics.median(c.time_to_first_token for c in clocks)
+    flops = prefill_flops(counts, attention_shape(config), batch, prompt)
+    return {"batch": batch, "prompt_tokens": prompt, "ttft_s": ttft, "prefill_tokens_per_s": batch * prompt / ttft,
+            "prefill_flops": flops, "mfu": utilisation(flops, ttft, device_peaks.matmul_flops_per_s)}
+
+
+def _decode_figures(clocks, counts, config, batch: int, dtype, scheme: str, device, device_peaks) -> dict:
+    shape = SHAPE[device.type]
+    latencies = [t for c in clocks for t in c.token_latencies]
+    tpot = statistics.median(latencies)
+    weights = predict_weight_bytes(counts, dtype, scheme).bytes
+    context = shape["prompt"] + shape["new_tokens"] // 2
+    step_bytes = decode_bytes_per_step(counts, weights, kv_bytes_per_token(attention_shape(config), dtype), batch, context)
+    return {"batch": batch, "prompt_tokens": shape["prompt"], "new_tokens": shape["new_tokens"],
+            "ttft_s": statistics.median(c.time_to_first_token for c in clocks), "tpot_s": tpot,
+            "tpot_p90_s": percentile(latencies, 90), "tpot_p99_s": percentile(latencies, 99),
+            "decode_tokens_per_s": batch / tpot, "bytes_per_step": step_bytes,
+            "mbu": utilisation(step_bytes, tpot, device_peaks.copy_bytes_per_s),
+            "token_latencies_ms": [round(t * 1e3, 4) for t in latencies[:512]]}
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("attn", ATTN)
+def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
+                                     device_peaks, run_config, record_result):
+    _check_attn(run_config, attn)
+    _check_batch(request, device, batch)
+    model = _variant_model(model_factory, attn)
+    clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=1, seed=run_config.seed)
+    figures = _prefill_figures(clocks, counts, model.config, batch, device, device_peaks)
+    _describe(benchmark, record_result, speed_spec, {"kind": "prefill", "attn": attn, "dtype": _dtype_name(dtype),
+                                                     "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("attn", ATTN)
+def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
+                                      device_peaks, run_config, record_result):
+    _check_attn(run_config, attn)
+    _check_batch(request, device, batch)
+    model = _variant_model(model_factory, attn)
+    clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=SHAPE[device.type]["new_tokens"],
+                           seed=run_config.seed)
+    figures = _decode_figures(clocks, counts, model.config, batch, dtype, "none", device, device_peaks)
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": attn, "dtype": _dtype_name(dtype),
+                                                     "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static+compile"])
+def test_decode_cache_implementation(benchmark, cache, speed_spec, model_factory, counts, device, dtype, device_peaks,
+                                     run_config, record_result):
+    """Batch 1, SDPA, a static cache, whose fixed shapes let generate() compile the decoding step
+    (transformers does so on CUDA; the warm-up rounds cover compiling). Its dynamic-cache, eager-mode
+    counterpart is test_decode_time_per_output_token[<model>-sdpa-1]."""
+    model = _variant_model(model_factory, "sdpa")
+    kwargs = {"cache_implementation": "static"} if cache == "static+compile" else {}
+    warmup = 3 if cache == "static+compile" else None
+    clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"],
+                           seed=run_config.seed, warmup=warmup, **kwargs)
+    figures = _decode_figures(clocks, counts, model.config, 1, dtype, "none", device, device_peaks)
+    figures["compiled"] = hasattr(model, "_compiled_call") if cache == "static+compile" else False
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": _dtype_name(dtype),
+                                                     "cache": cache, "quantization": "none"}, figures, device_peaks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device, device_peaks, run_config, record_result):
+    dtype = getattr(torch, half)
+    model = _variant_model(model_factory, "sdpa", dtype=dtype)
+    clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
+    figures = _decode_figures(clocks, counts, model.config, 1, dtype, "none", device, device_peaks)
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": half,
+                                                     "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4", "fp4"])
+def test_decode_quantized(benchmark, scheme, request, speed_spec, model_factory, counts, device, dtype, device_peaks,
+                          require, run_config, record_result):
+    from transformers import BitsAndBytesConfig
+
+    if speed_spec.kind == "preset":
+        pytest.skip(f"{speed_spec.name}: quantised variants need a checkpoint, not a random preset")
+    if device.type == "cpu" and not request.config.getoption("--run-slow"):
+        pytest.skip("bitsandbytes on CPU takes ~10 s to load and ~2 s per token here: full profile only (--run-slow)")
+    require(f"bnb_{scheme}")
+    config = (BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=dtype))
+    model = model_factory("sdpa", quantization=scheme, quantization_config=config)
+    clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
+    figures = _decode_figures(clocks, counts, model.config, 1, dtype, scheme, device, device_peaks)
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": _dtype_name(dtype),
+                                                     "cache": "dynamic", "quantization": scheme}, figures, device_peaks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The device's own peaks (the denominators of MBU and MFU), and the timer itself
+
+
+@pytest.mark.benchmark(group="device", **SYNCED)
+def test_device_copy_bandwidth(benchmark, device, device_peaks, record_result):
+    nbytes = device_peaks.copy_buffer_bytes
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    benchmark.pedantic(dst.copy_, args=(src,), rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(kind="device", copy_buffer_bytes=nbytes, copy_bytes_per_s=device_peaks.copy_bytes_per_s)
+    record_result("device peak", "copy GB/s (read+write)", device_peaks.copy_bytes_per_s / 1e9, where=str(device),
+                  buffer_bytes=nbytes)
+
+
+@pytest.mark.benchmark(group="device", **SYNCED)
+def test_device_matmul_peak(benchmark, device, dtype, device_peaks, record_result):
+    n = device_peaks.matmul_size
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    benchmark.pedantic(torch.mm, args=(a, a), rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update(kind="device", matmul_size=n, matmul_flops_per_s=device_peaks.matmul_flops_per_s)
+    record_result("device peak", f"matmul TFLOP/s ({device_peaks.matmul_dtype}, n={n})",
+                  device_peaks.matmul_flops_per_s / 1e12, where=str(device))
+
+
+def _large_matmul(device, dtype):
+    a = torch.randn(16384, 16384, device=device, dtype=dtype)
+    b = torch.randn(16384, 16384, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b)
+
+
+def _large_sdpa(device, dtype):
+    q, k, v = (torch.randn(8, 32, 8192, 128, device=device, dtype=dtype) for _ in range(3))
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("workload", ["matmul 16384^3", "causal SDPA 8x32x8192x128"])
+def test_harness_timer_agrees_with_triton_do_bench(workload, device, dtype, tolerances, record_result):
+    triton_testing = pytest.importorskip("triton.testing")
+    fn = (_large_matmul if workload.startswith("matmul") else _large_sdpa)(device, dtype)
+    reference_ms = triton_testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+    timer_ms = statistics.median(time_calls(fn, device, warmup=5, repeats=30, method="timer")) * 1e3
+    events_ms = statistics.median(time_calls(fn, device, warmup=5, repeats=30, method="events")) * 1e3
+    for name, ms in (("device_timer", timer_ms), ("CUDA events", events_ms)):
+        error = ms / reference_ms - 1
+        record_result("timer vs do_bench", f"{name} ms / do_bench ms - 1", error, threshold=f"±{tolerances.timer_agreement_rel}",
+                      passed=abs(error) <= tolerances.timer_agreement_rel, where=workload, harness_ms=ms, do_bench_ms=reference_ms)
+    for name, ms in (("device_timer", timer_ms), ("CUDA events", events_ms)):
+        assert abs(ms / reference_ms - 1) <= tolerances.timer_agreement_rel, (
+            f"{workload}: harness {name} median {ms:.4f} ms vs triton do_bench {reference_ms:.4f} ms "
+            f"({(ms / reference_ms - 1) * 100:+.2f}%, limit ±{tolerances.timer_agreement_rel * 100:g}%)")

@@ -1,0 +1,107 @@
+"""The regression gate and the benchmark report.
+
+Planted fault: a benchmark whose step does its wait twice (a redundant recomputation) must fail
+the gate against a baseline saved without it, both through pytest-benchmark's
+--benchmark-compare-fail and through harness.regression (which also judges extra_info rates);
+the unchanged benchmark must pass the same gate.
+"""
+
+import json
+
+import pytest
+
+from harness.errors import HarnessUsageError
+from harness.regression import compare, load_benchmarks, main, parse_rule
+
+BENCH = '''
+import os
+import time
+
+def decode_step():
+    time.sleep(0.02)
+    if os.environ.get("PLANTED_SLOWDOWN"):
+        time.sleep(0.02)  # planted fault: the same work done twice
+
+def test_decode_step(benchmark):
+    benchmark.pedantic(decode_step, rounds=7, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(kind="decode", batch=1, token_latencies_ms=[t * 1e3 for t in benchmark.stats.stats.data])
+    benchmark.extra_info["decode_tokens_per_s"] = 1.0 / benchmark.stats.stats.median
+'''
+
+
+@pytest.fixture
+def bench(pytester, monkeypatch):
+    pytester.makepyfile(test_bench=BENCH)
+    storage = f"file://{pytester.path / 'perf'}"
+
+    def run(*args, planted=False):
+        if planted:
+            monkeypatch.setenv("PLANTED_SLOWDOWN", "1")
+        else:
+            monkeypatch.delenv("PLANTED_SLOWDOWN", raising=False)
+        return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                            f"--benchmark-storage={storage}", *args)
+
+    baseline = run("--benchmark-save=baseline", "--benchmark-json=baseline.json")
+    baseline.assert_outcomes(passed=1)
+    return run
+
+
+GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
+
+
+def test_planted_slowdown_fails_pytest_benchmark_gate(bench):
+    result = bench(*GATE, planted=True)
+    assert result.ret != 0
+    output = result.stdout.str() + result.stderr.str()
+    assert "Performance has regressed" in output
+    assert "test_decode_step (0001_baselin) - Field 'median' has failed PercentageRegressionCheck" in output
+
+
+def test_unchanged_benchmark_passes_the_same_gate(bench):
+    result = bench(*GATE)
+    assert result.ret == 0, result.stdout.str()[-2000:]
+
+
+def test_harness_gate_catches_the_slowdown_in_time_and_in_tokens_per_second(bench, pytester, capsys):
+    bench("--benchmark-json=slow.json", planted=True)
+    bench("--benchmark-json=same.json")
+    rules = ["median:10%", "extra_info.decode_tokens_per_s:10%"]
+    slow = compare(pytester.path / "baseline.json", pytester.path / "slow.json", rules)
+    assert [c.rule.field for c in slow if c.regressed] == ["median", "extra_info.decode_tokens_per_s"]
+    changes = {c.rule.field: c.change for c in slow}  # twice the work: time +100 %, tokens/s -50 %
+    assert 0.7 < changes["median"] < 1.3 and 0.35 < changes["extra_info.decode_tokens_per_s"] < 0.65, changes
+    same = compare(pytester.path / "baseline.json", pytester.path / "same.json", rules)
+    assert same and not any(c.regressed for c in same), [c.describe() for c in same]
+    assert main([str(pytester.path / "baseline.json"), str(pytester.path / "slow.json")]) == 1
+    assert "REGRESSED" in capsys.readouterr().out
+    assert main([str(pytester.path / "baseline.json"), str(pytester.path / "same.json")]) == 0
+
+
+def test_report_gets_benchmark_json_table_and_standalone_html(bench, pytester):
+    bench("--report-dir", "out")
+    latest = pytester.path / "out" / "latest"
+    assert load_benchmarks(latest / "benchmarks.json")  # pytest-benchmark's own format, with every round
+    assert "## Benchmarks" in (latest / "report.md").read_text()
+    page = (latest / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 2  # tokens/s vs batch and the latency distribution
+    assert "<table" in page and "test_decode_step" in page and "src=\"http" not in page
+
+
+@pytest.mark.parametrize("text", ["median", "median:ten%", "speed:10%", "median:10%%"])
+def test_unreadable_rule_is_a_usage_error(text):
+    with pytest.raises(HarnessUsageError, match="regression rule"):
+        parse_rule(text)
+
+
+def test_rules_read_like_pytest_benchmarks():
+    assert parse_rule("median:10%").limit == pytest.approx(0.10)
+    assert not parse_rule("mean:0.001").relative
+    assert parse_rule("extra_info.mbu:5%").higher_is_better
+
+
+def test_a_file_that_is_not_benchmark_json_is_a_usage_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"results": []}))
+    with pytest.raises(HarnessUsageError, match="not pytest-benchmark JSON"):
+        load_benchmarks(bad)
