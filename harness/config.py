@@ -59,6 +59,57 @@ class Tolerances:
     def token_margin(self, dtype_name: str) -> float:
         return self.token_margin_fp32 if dtype_name in ("float32", "float64") else self.token_margin_half
 
+    # Greedy runs (cache vs no cache, static+compile, assisted/lookup vs plain): per-step raw logits
+    # may differ by at most this x the step's largest |logit|. Measured here (CPU fp32, SmolLM2-135M
+    # and the tiny presets, 20 seeds, 32 tokens): <= 3e-6; bf16 on CPU: <= 1.2e-2 (see the issue 4
+    # report). A dropped/duplicated key, a RoPE offset or a wrong static slot move logits by >= 5e-2
+    # relative on the first affected step, so 1e-4 / 4e-2 keep ~30x / ~3x headroom and still catch them.
+    generation_logit_rel_fp32: float = 1e-4
+    generation_logit_rel_half: float = 4e-2
+
+    def generation_logit_rel(self, dtype_name: str) -> float:
+        return self.generation_logit_rel_fp32 if dtype_name in ("float32", "float64") else self.generation_logit_rel_half
+
+    # Quantised KV caches (fp8 e4m3 stores 3 mantissa bits: 2^-4 = 6 % rounding per key/value) are
+    # lossy by design, so they get the same token rule with wider numbers. Measured on SmolLM2-135M:
+    # logits drift 0.019 (fp32) to 0.056 (bf16) relative; 0.15 keeps ~3x headroom. A flip is a
+    # near-tie below 1 logit, i.e. ~5 % of the logit range, the size of the drift itself.
+    kv_quantized_logit_rel: float = 0.15
+    kv_quantized_token_margin: float = 1.0
+
+    # RoPE cos/sin vs the float64 reference (harness.positions), in units of fp32 epsilon x
+    # (|angle| + 1): computing inv_freq (a pow), position x inv_freq and the cos each round once,
+    # so about 3 units; measured <= 2.6 for default/linear/dynamic/llama3/yarn up to 4x the trained
+    # window. 8 leaves room for other libm/CUDA cos; a wrong factor, base or attention scale is
+    # off by >= 1e-2 absolute, i.e. thousands of units at small positions.
+    rope_error_units: float = 8.0
+    # ALiBi: Falcon and BLOOM materialise slope x key position in bfloat16 (as the original
+    # checkpoints were trained), so the bias of key j relative to query i may be off by half a
+    # bf16 ulp (<= 2^-8 relative) of each of the two: <= 2^-7 x slope x i. Measured on
+    # tiny:falcon-alibi at 3072 tokens: exactly that bound is reached (4.0 at slope 0.25, i 2072).
+    # The reference's exact slopes must hold within it; a wrong slope is off by slope x distance.
+    alibi_rounding_rel: float = 2.0 ** -7
+
+    # Memory, predicted vs measured (harness.memory). Weights and KV caches are whole tensors, so
+    # the allocator (CUDA) or the resident set (CPU, after a warm-up forward so library code pages
+    # are already resident) sees them almost exactly: measured 0.1-0.3 % off on CPU for SmolLM2-135M
+    # and the tiny presets. 5 % leaves room for allocator rounding and Python objects created with
+    # them; a wrong dtype (2x), an unquantised layer or a duplicated tied table is >= 10 % off.
+    memory_prediction_rel_error: float = 0.05
+    # Eager attention's extra peak over SDPA, in score matrices (batch x heads x N x N): transformers'
+    # shared eager path holds 2 + mask in fp32 (measured 2.3 for tiny:llama, N=1408) and 4 + mask
+    # in half precision; GPT-2's own eager code and Mistral's sliding-window mask hold more
+    # (measured 3.4-5.0). Above 6, something materialises extra N^2 tensors.
+    eager_max_score_copies: float = 6.0
+    # Growth with sequence length: eager must hold at least this many score matrices per N^2 in its
+    # fitted quadratic term (it holds ~2 in fp32, ~4 in half precision) ...
+    eager_min_score_copies: float = 0.9
+    # ... and a fused kernel (SDPA flash/efficient, flash-attn) at most this fraction of one: a
+    # boolean B x 1 x N x N mask (sliding-window models) is 1/(heads x bytes) of the scores.
+    fused_max_score_fraction: float = 0.1
+    # The harness's timer vs triton.testing.do_bench (issue 6: within 3 %) on long GPU kernels.
+    timer_agreement_rel: float = 0.03
+
 
 def load_tolerances(path: str | None) -> Tolerances:
     """Tolerances with the user's overrides from a JSON file applied (unknown keys are errors)."""
