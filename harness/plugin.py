@@ -68,6 +68,10 @@ def pytest_configure(config):
     from harness.models import resolve_model
 
     try:
+        # before anything initialises CUDA: an xdist worker sees only its own GPU
+        from harness.distributed import setup_xdist_gpus
+
+        setup_xdist_gpus(planned_workers=len(getattr(config.option, "tx", None) or []))
         run = _run_config(config)
         specs = [s for text in run.models for s in resolve_model(
             text, allow_remote_code=run.allow_remote_code, allow_pickle=run.allow_pickle)]
@@ -126,6 +130,14 @@ def _activate_planted_fault_from_env() -> None:
     except KeyError as exc:
         raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: unknown fault {exc}") from None
     print(f"[harness] PLANTED FAULT ACTIVE: {name} (this run is expected to fail)")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`pytest -n auto` on a GPU host: one worker per GPU."""
+    from harness.distributed import auto_worker_count
+
+    return auto_worker_count()
 
 
 def _state(config) -> dict:
