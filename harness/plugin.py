@@ -64,7 +64,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: part of the full profile; runs only with --run-slow")
     config.addinivalue_line("markers", "acceptance: checks that need trained weights")
     config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
-    config.addinivalue_line("markers", "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'")
+    config.addinivalue_line("markers", "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
+                            "memory_budget(None) exempts a test from --memory-budget")
     from harness.models import resolve_model
 
     try:
@@ -306,6 +307,12 @@ def reference_model(model_factory):
     return model_factory("eager")
 
 
+@pytest.fixture(scope="session")
+def run_dir(request) -> Path | None:
+    """This run's report directory (None without --report-dir)."""
+    return _state(request.config)["run_dir"]
+
+
 @pytest.fixture
 def record_result(request):
     """record_result(check=..., metric=..., value=..., threshold=..., passed=..., where=..., **details)."""
@@ -376,6 +383,8 @@ def _budget_for(item) -> int | None:
         return _state(item.config)["run"].memory_budget_bytes
     if len(marker.args) != 1:
         raise pytest.UsageError(f"{item.nodeid}: memory_budget takes one size, e.g. memory_budget('12GiB')")
+    if marker.args[0] is None:  # the test measures memory itself (e.g. runs eager over a budget on purpose)
+        return None
     try:
         return parse_bytes(str(marker.args[0]))
     except HarnessUsageError as exc:

@@ -1,0 +1,146 @@
+"""A KV cache must not change what greedy decoding produces.
+
+Claim under test: a KV cache "leads to identical results" and static cache + torch.compile is a
+pure speed-up. Every cache type transformers offers that applies to the model is run against
+the no-cache reference (every step recomputes attention over the whole sequence), N tokens forced
+(HARNESS_NEW_TOKENS, default 32), compared by harness.token_agreement's single rule: equal tokens
+(or a near-tie divergence on reduced precision) and per-step logits within tolerance.
+"""
+
+import dataclasses
+
+import pytest
+
+from harness import generation as gen
+from harness.token_agreement import compare_runs, record_fields
+
+LOSSY_KV_DTYPE = "float8_e4m3fn"
+
+
+@pytest.fixture(scope="session")
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.fixture(scope="session")
+def pad(tokenizer):
+    return gen.pad_id(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def prompt(run_config):
+    return gen.prompt_for_seed(run_config.seed)
+
+
+@pytest.fixture(scope="session")
+def prompt_inputs(tokenizer, prompt, device):
+    return gen.chat_inputs(tokenizer, prompt, device)
+
+
+@pytest.fixture(scope="session")
+def no_cache_reference(reference_model, prompt_inputs, pad):
+    return gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad)
+
+
+@pytest.fixture
+def agrees(dtype_name, tolerances, tokenizer, record_result):
+    """agrees(reference, run, check) -> asserts harness.token_agreement's rule, records the result."""
+
+    def check(reference, run, check_name, *, lossy_kv=False):
+        tol, name = tolerances, dtype_name
+        if lossy_kv:  # the same rule, with the looser numbers stated for 8-bit keys/values
+            tol = dataclasses.replace(tolerances, token_margin_half=tolerances.kv_quantized_token_margin,
+                                      generation_logit_rel_half=tolerances.kv_quantized_logit_rel)
+            name = LOSSY_KV_DTYPE
+        result = compare_runs(reference, run, dtype_name=name, tolerances=tol,
+                              decode=lambda t: tokenizer.decode([t]))
+        record_result(check, threshold=tol.generation_logit_rel(name), **record_fields(result))
+        assert result.passed, result.message
+        return result
+
+    return check
+
+
+@pytest.mark.parametrize("cache_name", list(gen.CACHE_TYPES))
+def test_cache_type_matches_no_cache(cache_name, reference_model, device, prompt_inputs, pad, no_cache_reference, agrees):
+    kind = gen.get_cache_type(cache_name)
+    reason = kind.not_applicable(reference_model, device)
+    if reason:
+        pytest.skip(f"{cache_name}: {reason}")
+    run = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+    agrees(no_cache_reference, run, f"{cache_name} cache vs no cache", lossy_kv=kind.lossy)
+
+
+def test_second_turn_reusing_first_turn_cache_equals_fresh_second_turn(reference_model, tokenizer, prompt, device, pad, agrees, run_config):
+    first = gen.greedy(reference_model, gen.chat_inputs(tokenizer, prompt, device), label="turn 1", pad_token_id=pad)
+    follow_up = gen.prompt_for_seed(run_config.seed, offset=1)
+    second_inputs = gen.second_turn_inputs(tokenizer, prompt, first, follow_up, device)
+    assert gen.cache_length(first.cache) == first.sequence.shape[0] - 1  # all but the last token are cached
+    fresh = gen.greedy(reference_model, second_inputs, label="turn 2 from scratch", pad_token_id=pad)
+    continued = gen.greedy(reference_model, second_inputs, label="turn 2 continuing turn 1's cache",
+                           pad_token_id=pad, **{gen.cache_kwarg(): first.cache})
+    agrees(fresh, continued, "multi-turn continuation via past_key_values")
+
+
+@pytest.mark.parametrize("cache_name", ["dynamic", "static"])
+def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model, tokenizer, device, pad, prompt_inputs, agrees, run_config):
+    kind = gen.get_cache_type(cache_name)
+    reason = kind.not_applicable(reference_model, device)
+    if reason:
+        pytest.skip(f"{cache_name}: {reason}")
+    other = gen.chat_inputs(tokenizer, gen.prompt_for_seed(run_config.seed, offset=3), device)
+    n = gen.new_tokens_default()
+    cache = kind.build(reference_model, max(other["input_ids"].shape[1], prompt_inputs["input_ids"].shape[1]) + n)
+    gen.greedy(reference_model, other, label="fill", pad_token_id=pad, disable_compile=True, **{gen.cache_kwarg(): cache})
+    gen.reset_cache(cache)
+    reused = gen.greedy(reference_model, prompt_inputs, label=f"{cache_name} cache after reset()", pad_token_id=pad,
+                        disable_compile=True, **{gen.cache_kwarg(): cache})
+    fresh = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+    agrees(fresh, reused, f"{cache_name} cache reset vs fresh")
+
+
+def test_cropped_dynamic_cache_continues_like_the_shorter_run(reference_model, prompt_inputs, pad, agrees):
+    import torch
+
+    full = gen.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
+    rollback = len(full.tokens) // 2
+    gen.crop_cache(full.cache, rollback)
+    shorter = full.sequence[: full.sequence.shape[0] - rollback].unsqueeze(0)
+    assert gen.cache_length(full.cache) == shorter.shape[1] - 1
+    inputs = {"input_ids": shorter, "attention_mask": torch.ones_like(shorter)}
+    fresh = gen.greedy(reference_model, inputs, label="shorter run from scratch", pad_token_id=pad)
+    cropped = gen.greedy(reference_model, inputs, label=f"dynamic cache cropped by {rollback}", pad_token_id=pad,
+                         **{gen.cache_kwarg(): full.cache})
+    agrees(fresh, cropped, "crop/rollback of a dynamic cache")
+
+
+def test_left_padded_batch_equals_each_prompt_alone(reference_model, tokenizer, device, pad, agrees, run_config):
+    prompts = [gen.prompt_for_seed(run_config.seed, offset=i) for i in range(3)]
+    batch = gen.batch_inputs(tokenizer, prompts, device)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    assert len(set(lengths)) > 1, "prompts must differ in length, or no row is padded"
+    rows = gen.generate_greedy(reference_model, batch, label="left-padded batch", pad_token_id=pad)
+    for i, p in enumerate(prompts):
+        alone = gen.greedy(reference_model, gen.chat_inputs(tokenizer, p, device), label="alone", pad_token_id=pad)
+        rows[i].label = f"row {i} of a left-padded batch of {len(prompts)} (padding {max(lengths) - lengths[i]})"
+        agrees(alone, rows[i], f"batched row {i} vs alone")
+
+
+def test_static_cache_compiled_equals_uncompiled_dynamic_cache(reference_model, device, prompt_inputs, pad, agrees, record_result):
+    reason = gen.supports_static_cache(reference_model)
+    if reason:
+        pytest.skip(f"static cache + torch.compile: {reason}")
+    dynamic = gen.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
+    try:
+        runs = gen.compiled_static_runs(reference_model, prompt_inputs, pad_token_id=pad)
+    except Exception as exc:  # inductor needs a C++ compiler on CPU; report why instead of failing
+        if device.type == "cuda":
+            raise
+        pytest.skip(f"torch.compile (default mode) does not work on this CPU: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    record_result("static cache + torch.compile", "compile seconds (first call minus steady call)",
+                  round(runs.compile_seconds, 3), where=f"mode {runs.mode}")
+    record_result("static cache + torch.compile", "steady-state seconds per token",
+                  round(runs.steady_step_seconds, 6), where=f"mode {runs.mode}",
+                  uncompiled_dynamic_seconds_per_token=round(dynamic.seconds / len(dynamic.tokens), 6))
+    agrees(dynamic, runs.first, "static+compile (first call) vs dynamic")
+    agrees(dynamic, runs.steady, "static+compile (steady) vs dynamic")

@@ -1,0 +1,104 @@
+"""Decoding shortcuts must produce exactly what plain greedy decoding produces.
+
+Claim under test: speculative (assisted) decoding and prompt lookup decoding give "the same
+outputs" as greedy decoding of the target alone. Each is compared with plain greedy (dynamic
+cache) by harness.token_agreement's rule, N tokens forced. Guards against vacuous passes: the
+assistants must have drafts rejected (an assistant that always agrees proves nothing), and
+prompt lookup must have drafts accepted (a lookup that never hits is plain greedy).
+"""
+
+import pytest
+
+from harness import generation as gen
+from harness.errors import HarnessUsageError
+from harness.token_agreement import compare_runs, record_fields
+
+
+@pytest.fixture(scope="session")
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+@pytest.fixture(scope="session")
+def pad(tokenizer):
+    return gen.pad_id(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def prompt_inputs(tokenizer, run_config, device):
+    return gen.chat_inputs(tokenizer, gen.prompt_for_seed(run_config.seed), device)
+
+
+@pytest.fixture(scope="session")
+def plain_greedy(reference_model, prompt_inputs, pad):
+    return gen.greedy(reference_model, prompt_inputs, label="plain greedy", pad_token_id=pad)
+
+
+def _assistant(kind, model):
+    if kind == "truncated copy":
+        keep = max(1, model.config.get_text_config(decoder=True).num_hidden_layers // 15)
+        return gen.truncated_copy(model, keep), f"the target's first {keep} layer(s)"
+    return gen.small_preset_assistant(model), "a 1-layer tiny:llama"
+
+
+@pytest.fixture(scope="session")
+def assisted_runs(reference_model, prompt_inputs, pad):
+    """Both assistants' runs, computed once: the equality tests and the vacuity guard read them."""
+    runs = {}
+    for kind in ("truncated copy", "small preset"):
+        try:
+            assistant, what = _assistant(kind, reference_model)
+        except HarnessUsageError as exc:
+            runs[kind] = str(exc)  # the reason this assistant does not apply to the model
+            continue
+        runs[kind] = gen.assisted_run(reference_model, assistant, prompt_inputs, pad_token_id=pad,
+                                      label=f"assisted decoding (assistant: {what})")
+        del assistant
+    return runs
+
+
+@pytest.fixture
+def agrees(dtype_name, tolerances, tokenizer, record_result):
+    def check(reference, run, check_name, **details):
+        result = compare_runs(reference, run, dtype_name=dtype_name, tolerances=tolerances,
+                              decode=lambda t: tokenizer.decode([t]))
+        record_result(check_name, threshold=tolerances.generation_logit_rel(dtype_name), **record_fields(result), **details)
+        assert result.passed, result.message
+
+    return check
+
+
+@pytest.mark.parametrize("assistant_kind", ["truncated copy", "small preset"])
+def test_assisted_decoding_equals_plain_greedy(assistant_kind, assisted_runs, plain_greedy, agrees):
+    run = assisted_runs[assistant_kind]
+    if isinstance(run, str):
+        pytest.skip(f"{assistant_kind} assistant: {run}")
+    drafted, accepted = gen.drafted_tokens(run), run.accepted_draft_tokens
+    assert 0 <= accepted <= drafted, f"{run.label}: {accepted} accepted of {drafted} drafted cannot be"
+    agrees(plain_greedy, run, f"assisted decoding ({assistant_kind}) vs greedy",
+           drafted=drafted, accepted=accepted, target_forward_calls=run.target_forward_calls)
+
+
+def test_assistants_really_differ_from_the_target(assisted_runs, record_result):
+    rejected = {kind: gen.drafted_tokens(run) - run.accepted_draft_tokens
+                for kind, run in assisted_runs.items() if not isinstance(run, str)}
+    for kind, n in rejected.items():
+        record_result("assisted decoding", "rejected draft tokens", n, where=kind)
+    assert sum(rejected.values()) > 0, (
+        f"no assistant had a draft rejected ({rejected}): the equality check never exercised rejection")
+
+
+def test_prompt_lookup_decoding_equals_plain_greedy(reference_model, model_spec, tokenizer, device, pad, agrees, record_result):
+    inputs = gen.chat_inputs(tokenizer, gen.lookup_prompt(), device)
+    reference = gen.greedy(reference_model, inputs, label="plain greedy", pad_token_id=pad)
+    run = gen.prompt_lookup_run(reference_model, inputs, pad_token_id=pad)
+    agrees(reference, run, "prompt lookup vs greedy", accepted=run.accepted_draft_tokens,
+           target_forward_calls=run.target_forward_calls)
+    record_result("prompt lookup decoding", "accepted draft tokens", run.accepted_draft_tokens, threshold="> 0",
+                  passed=run.accepted_draft_tokens > 0, where=f"{len(run.tokens)} tokens")
+    if run.accepted_draft_tokens == 0 and not model_spec.trained:
+        pytest.skip(f"{model_spec.name} has random weights and its output never repeats the input, so no lookup hit: "
+                    "the equality held but was not exercised")
+    assert run.accepted_draft_tokens > 0, (
+        f"prompt lookup accepted no draft on an input-grounded prompt ({run.target_forward_calls} target forwards "
+        f"for {len(run.tokens)} tokens): the comparison with greedy is vacuous")
