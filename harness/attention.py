@@ -1,0 +1,331 @@
+"""Attention implementations by name, all with one calling convention, plus the model-level mapping.
+
+Calling convention (every kernel-level implementation, including the planted faults in tests/):
+
+    fn(q, k, v, *, mask=None, causal=False, window=None, scale=None) -> out
+
+* ``q``: (batch, q_heads, q_len, head_dim); ``k``, ``v``: (batch, kv_heads, k_len, head_dim) with
+  q_heads a multiple of kv_heads (GQA/MQA): query head ``h`` reads kv head ``h // (q_heads // kv_heads)``,
+  as ``repeat_interleave`` / transformers' ``repeat_kv`` arrange them.
+* ``mask``: broadcastable to (batch, q_heads, q_len, k_len); bool (True = attend) or additive float
+  (0 = attend, -inf = masked; other values are biases).
+* ``causal``: bottom-right aligned, as flash-attn and KV-cached decoding use it: query ``i`` sits at
+  absolute position ``k_len - q_len + i`` and sees keys ``j <= k_len - q_len + i``. (SDPA's own
+  ``is_causal`` is top-left aligned, so it is only used where both agree: q_len == k_len.)
+* ``window``: sliding window of ``window`` keys, transformers' convention: query at absolute
+  position ``p`` sees key ``j`` only when ``p - j < window`` (flash-attn's window_size=(window-1, 0)).
+* ``scale``: softmax scale, default 1/sqrt(head_dim).
+* A query row whose keys are all masked has output 0 (not NaN, not a uniform average), as
+  flash-attn defines it and as torch's SDPA (math, CPU flash) and flex_attention return.
+
+``KERNELS`` maps capability names (harness.capabilities) to :class:`KernelImpl`; ``MODEL_ATTENTION``
+maps them to (attn_implementation, context manager) for model-level runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+__all__ = ["KernelImpl", "KERNELS", "MODEL_ATTENTION", "structural_mask", "combined_bool_mask",
+           "eager_attention", "sdpa_attention", "flex_attention_impl", "model_attention",
+           "kernel_implementations"]
+
+
+def structural_mask(q_len: int, k_len: int, *, causal: bool, window: int | None, device) -> torch.Tensor | None:
+    """(q_len, k_len) bool, True = attend, for bottom-right causal and/or a sliding window; None if neither."""
+    if not causal and window is None:
+        return None
+    q_pos = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        keep &= k_pos <= q_pos
+    if window is not None:
+        keep &= q_pos - k_pos < window
+    return keep
+
+
+def combined_bool_mask(q: torch.Tensor, k: torch.Tensor, mask, causal: bool, window: int | None) -> torch.Tensor | None:
+    """The user mask (bool, or additive where -inf counts as masked) AND the causal/window structure."""
+    keep = structural_mask(q.shape[2], k.shape[2], causal=causal, window=window, device=q.device)
+    if mask is not None:
+        user = mask if mask.dtype == torch.bool else ~torch.isneginf(mask)
+        keep = user if keep is None else (user & keep)
+    return keep
+
+
+def _additive_bias(mask, keep: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """One additive mask: the user's float biases (if any) plus -inf where ``keep`` is False."""
+    if keep is None:
+        return None
+    bias = torch.zeros((), dtype=dtype, device=keep.device)
+    if mask is not None and mask.dtype != torch.bool:
+        bias = torch.where(torch.isneginf(mask), 0.0, mask).to(dtype)
+    return torch.where(keep, bias, torch.tensor(float("-inf"), dtype=dtype, device=keep.device))
+
+
+def _repeat_kv(x: torch.Tensor, q_heads: int) -> torch.Tensor:
+    groups = q_heads // x.shape[1]
+    if groups * x.shape[1] != q_heads:
+        raise ValueError(f"{q_heads} query heads are not a multiple of {x.shape[1]} key/value heads")
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def eager_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None):
+    """The reference: plain matmul + softmax, in the inputs' dtype (fp64 gives the truth).
+
+    Like transformers' eager path, scores are formed in the input dtype, the softmax runs in
+    float32 (float64 for float64 inputs) and its probabilities are cast back before the second
+    matmul. Fully masked rows give 0.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    keep = combined_bool_mask(q, k, mask, causal, window)
+    bias = _additive_bias(mask, keep, scores.dtype) if keep is not None else None
+    if bias is None and mask is not None and mask.dtype != torch.bool:
+        bias = mask.to(scores.dtype)
+    if bias is not None:
+        scores = scores + bias
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype)
+    if keep is not None:
+        probs = torch.where(keep.expand_as(probs).any(-1, keepdim=True), probs, 0.0)  # fully masked -> 0
+    return torch.matmul(probs.to(q.dtype), v)
+
+
+SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION",
+                 "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+
+
+def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, backend: str = "MATH"):
+    """torch SDPA forced to one backend (an unsupported input raises RuntimeError, never falls back)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kwargs = {}
+    if causal and window is None and mask is None and q.shape[2] == k.shape[2]:
+        kwargs["is_causal"] = True  # the flag fused kernels need; same alignment as ours when square
+    else:
+        keep = combined_bool_mask(q, k, mask, causal, window)
+        if keep is not None:
+            kwargs["attn_mask"] = keep if (mask is None or mask.dtype == torch.bool) else _additive_bias(mask, keep, q.dtype)
+    if q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attention_impl(q, k, v, *, mask=None, causal=False, window=None, scale=None):
+    """flex_attention with a block mask for causal/window/bool masks and a score_mod for additive biases.
+
+    Compiled on CUDA (the fused Triton kernel users get); on CPU the uncompiled reference path runs,
+    since compiling per hypothesis shape would exceed the CI budget.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    batch, q_heads, q_len, _ = q.shape
+    k_len = k.shape[2]
+    keep = combined_bool_mask(q, k, mask, causal, window)
+    block_mask = score_mod = None
+    if keep is not None:
+        keep4 = keep.expand(batch, q_heads, q_len, k_len).contiguous()
+        block_mask = create_block_mask(lambda b, h, qi, ki: keep4[b, h, qi, ki], batch, q_heads, q_len, k_len,
+                                       device=q.device)
+    if mask is not None and mask.dtype != torch.bool:
+        bias4 = torch.where(torch.isneginf(mask), 0.0, mask).to(q.dtype).expand(batch, q_heads, q_len, k_len).contiguous()
+        score_mod = lambda score, b, h, qi, ki: score + bias4[b, h, qi, ki]  # noqa: E731
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_attn_package_impl(module_name: str, fn_name: str = "flash_attn_func"):
+    """flash-attn's (batch, len, heads, dim) API wrapped to our convention; padding via a bool mask is
+    not expressible there (it needs varlen packing), so these kernels take causal/window only."""
+
+    def run(q, k, v, *, mask=None, causal=False, window=None, scale=None):
+        if mask is not None:
+            raise NotImplementedError(f"{module_name}.{fn_name} takes no dense mask (varlen API needed)")
+        module = importlib.import_module(module_name)
+        fn = getattr(module, fn_name)
+        kwargs = {"causal": causal, "softmax_scale": scale}
+        if window is not None:
+            kwargs["window_size"] = (window - 1, 0)
+        out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+
+    return run
+
+
+@dataclass(frozen=True)
+class KernelImpl:
+    """One attention implementation and what inputs it accepts (so strategies draw only those)."""
+
+    name: str  # the capability name in harness.capabilities
+    fn: Callable
+    dense_masks: bool = True  # accepts bool/additive masks (padding)
+    additive_masks: bool = True
+    windows: bool = True
+    max_head_dim: int = 256
+    head_dim_multiple: int = 1
+    low_precision_only: bool = False  # fp16/bf16 only (flash kernels)
+
+
+def kernel_implementations() -> dict[str, KernelImpl]:
+    impls = {"eager": KernelImpl("eager", eager_attention)}
+    for cap, backend in SDPA_BACKENDS.items():
+        impls[cap] = KernelImpl(cap, functools.partial(sdpa_attention, backend=backend))
+    impls["flex_attention"] = KernelImpl("flex_attention", flex_attention_impl)
+    fa = dict(dense_masks=False, additive_masks=False, low_precision_only=True, head_dim_multiple=8)
+    impls["flash_attention_2"] = KernelImpl("flash_attention_2", _flash_attn_package_impl("flash_attn"), **fa)
+    impls["flash_attention_3"] = KernelImpl("flash_attention_3", _flash_attn_package_impl("flash_attn_interface"), **fa)
+    impls["flash_attention_4"] = KernelImpl("flash_attention_4", _flash_attn_package_impl("flash_attn.cute"), **fa)
+    return impls
+
+
+KERNELS: dict[str, KernelImpl] = kernel_implementations()
+
+
+def _sdpa_context(backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, backend))
+
+
+# capability name -> (transformers attn_implementation, zero-arg context-manager factory)
+MODEL_ATTENTION: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
+    "eager": ("eager", contextlib.nullcontext),
+    **{cap: ("sdpa", functools.partial(_sdpa_context, backend)) for cap, backend in SDPA_BACKENDS.items()},
+    "flex_attention": ("flex_attention", contextlib.nullcontext),
+    "flash_attention_2": ("flash_attention_2", contextlib.nullcontext),
+    "flash_attention_3": ("flash_attention_3", contextlib.nullcontext),
+    "flash_attention_4": ("flash_attention_4", contextlib.nullcontext),
+}
+
+
+def model_attention(capability: str) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
+    """(attn_implementation for from_pretrained/model_factory, context manager to run the forward in)."""
+    from harness.errors import HarnessUsageError
+
+    if capability not in MODEL_ATTENTION:
+        raise HarnessUsageError(f"no model-level attention for {capability!r}; known: {', '.join(MODEL_ATTENTION)}")
+    return MODEL_ATTENTION[capability]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel-level cases and the check every kernel suite (and the planted-fault tests) runs
+
+
+@dataclass(frozen=True)
+class AttentionCase:
+    """One kernel-level input: shapes, masking and the seed of its random q/k/v.
+
+    ``mask`` is 'none', 'bool' (key padding) or 'additive' (key padding as -inf plus an ALiBi-like
+    bias); ``padding`` says on which side the ``valid_keys[b]`` real keys of batch row ``b`` sit.
+    A row with 0 valid keys, or a causal/window row that only sees padding, is fully masked.
+    """
+
+    batch: int = 1
+    q_heads: int = 4
+    kv_heads: int = 2
+    q_len: int = 8
+    k_len: int = 8
+    head_dim: int = 64
+    causal: bool = True
+    window: int | None = None
+    mask: str = "none"
+    padding: str = "left"
+    valid_keys: tuple[int, ...] = ()
+    seed: int = 0
+
+    def restricted_to(self, impl: KernelImpl) -> "AttentionCase":
+        """The same case without the features ``impl`` does not take (so no example is wasted)."""
+        import dataclasses
+
+        case = self
+        if not impl.dense_masks or (self.mask == "additive" and not impl.additive_masks):
+            case = dataclasses.replace(case, mask="none")
+        if not impl.windows:
+            case = dataclasses.replace(case, window=None)
+        if case.head_dim > impl.max_head_dim:
+            case = dataclasses.replace(case, head_dim=impl.max_head_dim)
+        return case
+
+    def tensors(self, dtype, device):
+        """(q, k, v, mask) with q/k/v rounded to ``dtype`` (so every implementation sees the same inputs)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(self.batch, self.q_heads, self.q_len, self.head_dim, generator=gen, dtype=torch.float64)
+        k = torch.randn(self.batch, self.kv_heads, self.k_len, self.head_dim, generator=gen, dtype=torch.float64)
+        v = torch.randn(self.batch, self.kv_heads, self.k_len, self.head_dim, generator=gen, dtype=torch.float64)
+        q, k, v = (t.to(dtype).to(device) for t in (q, k, v))
+        mask = None
+        if self.mask != "none":
+            valid = list(self.valid_keys) + [self.k_len] * (self.batch - len(self.valid_keys))
+            pos = torch.arange(self.k_len)
+            keep = torch.stack([(pos >= self.k_len - n) if self.padding == "left" else (pos < n) for n in valid[: self.batch]])
+            keep = keep[:, None, None, :].expand(self.batch, 1, self.q_len, self.k_len)
+            if self.mask == "bool":
+                mask = keep
+            else:
+                slopes = torch.linspace(0.05, 0.5, self.q_heads, dtype=torch.float64)[None, :, None, None]
+                distance = (torch.arange(self.q_len)[:, None] + self.k_len - self.q_len - pos[None, :]).abs()
+                mask = torch.where(keep, -slopes * distance, float("-inf")).to(dtype)
+            mask = mask.to(device)
+        return q, k, v, mask
+
+
+def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3):
+    """hypothesis strategy over AttentionCase: decode (q_len=1), chunked prefill (q_len < k_len),
+    square prefill, GQA/MQA/MHA, masks, padding on either side, windows."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw):
+        batch = draw(st.integers(1, max_batch))
+        kv_heads = draw(st.sampled_from([1, 2, 4]))
+        groups = draw(st.sampled_from([1, 2, 3]))  # 1 = MHA; kv_heads=1 with groups>1 = MQA
+        k_len = draw(st.integers(1, max_len))
+        q_len = draw(st.one_of(st.just(1), st.just(k_len), st.integers(1, k_len)))
+        mask = draw(st.sampled_from(["none", "bool", "additive"]))
+        valid = tuple(draw(st.integers(0, k_len)) for _ in range(batch)) if mask != "none" else ()
+        return AttentionCase(
+            batch=batch, q_heads=kv_heads * groups, kv_heads=kv_heads, q_len=q_len, k_len=k_len,
+            head_dim=draw(st.sampled_from(head_dims)), causal=draw(st.booleans()),
+            window=draw(st.one_of(st.none(), st.integers(1, k_len + 1))), mask=mask,
+            padding=draw(st.sampled_from(["left", "right"])), valid_keys=valid, seed=draw(st.integers(0, 2**31 - 1)))
+
+    return cases()
+
+
+def query_rows_to_compare(case: AttentionCase, device) -> torch.Tensor:
+    """All query rows count (fully masked rows must be exactly 0); shape broadcastable to the output."""
+    return torch.ones(case.batch, 1, case.q_len, 1, dtype=torch.bool, device=device)
+
+
+def check_attention_kernel(fn: Callable, case: AttentionCase, *, dtype, device, factor: float, slack_floor: float,
+                           name: str = "attention"):
+    """Run ``fn`` on ``case`` and apply harness.compare's k x eager rule against the fp64 eager truth."""
+    from harness.compare import attention_error_check
+
+    q, k, v, mask = case.tensors(dtype, device)
+    kwargs = dict(mask=mask, causal=case.causal, window=case.window)
+    out = fn(q, k, v, **kwargs)
+    baseline = eager_attention(q, k, v, **kwargs)
+    ref = eager_attention(q.double(), k.double(), v.double(), mask=None if mask is None else (
+        mask if mask.dtype == torch.bool else mask.double()), causal=case.causal, window=case.window)
+    return attention_error_check(out, baseline, ref, factor=factor, slack_floor=slack_floor,
+                                 mask=query_rows_to_compare(case, device), name=f"{name} on {case}")

@@ -1,0 +1,173 @@
+"""The one rule for "is this tensor as close to the truth as the trusted implementation is?".
+
+flash-attn's tests (see shared/ANCHORS.md) compare three outputs per case: a high-precision
+reference (``ref``, here fp64 or fp32), the trusted implementation run in the *same* dtype as the
+candidate (``baseline``, here eager attention), and the candidate (``out``). The candidate passes
+when
+
+    max|out - ref| <= factor * max|baseline - ref| + slack
+
+i.e. it may be at most ``factor`` times as far from the truth as the trusted implementation is,
+because reordering reductions changes rounding but a wrong scale, mask or head mapping moves the
+result by far more than rounding. ``slack`` covers the case where the baseline happens to be
+(nearly) exact: it is ``max(slack_floor, 2 * rounding of the reference in the compared dtype)``,
+the reference's own rounding measured as FA3 does: ``|(ref + 0.3 - 0.3) - ref|`` computed in the
+candidate's dtype.
+
+Positions excluded by ``mask`` (False = excluded, e.g. padding tokens) are ignored everywhere.
+
+API (small on purpose; other suites import it):
+    max_abs_error(a, b, mask=None) -> float
+    reference_rounding(ref, dtype, mask=None) -> float
+    compare_tensors(out, baseline, ref, *, factor, slack_floor, mask=None, what="") -> Verdict
+    attention_error_check(...)  -- compare_tensors with the attention wording
+    first_diverging_layer(hidden_impl, hidden_baseline, hidden_ref, mask, factor, slack_floor) -> Verdict
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Verdict", "max_abs_error", "reference_rounding", "compare_tensors", "attention_error_check",
+           "first_diverging_layer"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of one comparison; ``message`` is written to be pasted into an assertion."""
+
+    passed: bool
+    error: float  # max |out - ref| over kept positions
+    baseline_error: float  # max |baseline - ref| over kept positions
+    allowed: float  # factor * baseline_error + slack
+    slack: float
+    factor: float
+    worst_position: tuple[int, ...] = ()  # index into the compared tensor of the largest |out - ref|
+    layer: int | None = None  # for first_diverging_layer: the hidden-state index (0 = embeddings)
+    message: str = ""
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """error / baseline_error: how many times further from the truth than the trusted path."""
+        if self.baseline_error == 0.0:
+            return 0.0 if self.error == 0.0 else float("inf")
+        return self.error / self.baseline_error
+
+    def __bool__(self) -> bool:  # lets ``assert verdict, verdict.message`` read naturally
+        return self.passed
+
+
+def _expand_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """Broadcast a keep-mask (True = compare) against ``like``, padding trailing dims.
+
+    A (batch, tokens) padding mask thus applies to (batch, tokens, hidden) hidden states and to
+    (batch, tokens, vocab) logits alike.
+    """
+    if mask is None:
+        return None
+    m = mask.to(device=like.device, dtype=torch.bool)
+    while m.dim() < like.dim():
+        m = m.unsqueeze(-1)
+    return m.expand_as(like)
+
+
+def _abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    diff = (a.detach().to(torch.float64) - b.detach().to(device=a.device, dtype=torch.float64)).abs()
+    # NaN must never compare as "small": make it infinite so it fails loudly.
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    m = _expand_mask(mask, diff)
+    if m is not None:
+        diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+    return diff
+
+
+def max_abs_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """max |a - b| in float64 over positions where ``mask`` is True (all when None); NaN counts as inf."""
+    diff = _abs_diff(a, b, mask)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def reference_rounding(ref: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None = None) -> float:
+    """FA3's estimate of the rounding of ``ref`` in ``dtype``: max |(ref + 0.3 - 0.3) - ref|."""
+    r = ref.detach().to(dtype)
+    rounded = (r + 0.3) - 0.3
+    return max_abs_error(rounded, r, mask)
+
+
+def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
+    out = []
+    for size in reversed(shape):
+        out.append(flat_index % size)
+        flat_index //= size
+    return tuple(reversed(out))
+
+
+def compare_tensors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, *, factor: float,
+                    slack_floor: float, mask: torch.Tensor | None = None, what: str = "output",
+                    position_names: tuple[str, ...] = ()) -> Verdict:
+    """error(out, ref) <= factor * error(baseline, ref) + slack, slack = max(slack_floor, 2 * rounding).
+
+    ``baseline`` is the trusted implementation in the same dtype as ``out``; ``ref`` is the
+    high-precision truth. ``position_names`` labels the worst position's indices in the message.
+    """
+    diff = _abs_diff(out, ref, mask)
+    error = float(diff.max()) if diff.numel() else 0.0
+    worst = _unravel(int(diff.argmax()), diff.shape) if diff.numel() else ()
+    baseline_error = max_abs_error(baseline, ref, mask)
+    slack = max(slack_floor, 2.0 * reference_rounding(ref, out.dtype, mask))
+    allowed = factor * baseline_error + slack
+    passed = error <= allowed
+    where = ", ".join(f"{n}={i}" for n, i in zip(position_names, worst)) if position_names else str(worst)
+    ratio = error / baseline_error if baseline_error else (0.0 if error == 0 else float("inf"))
+    message = (f"{what}: max error {error:.3g} vs reference at {where} "
+               f"{'<=' if passed else 'EXCEEDS'} allowed {allowed:.3g} "
+               f"(= {factor:g} x eager error {baseline_error:.3g} + slack {slack:.3g}); ratio {ratio:.3g}")
+    if not passed and worst:
+        message += (f"; there out={float(out.detach()[worst]):.6g} baseline={float(baseline.detach()[worst]):.6g} "
+                    f"ref={float(ref.detach()[worst]):.6g}")
+    return Verdict(passed=passed, error=error, baseline_error=baseline_error, allowed=allowed, slack=slack,
+                   factor=factor, worst_position=worst, message=message)
+
+
+def attention_error_check(out: torch.Tensor, out_eager_same_dtype: torch.Tensor, ref64: torch.Tensor, *,
+                          factor: float, slack_floor: float, mask: torch.Tensor | None = None,
+                          name: str = "attention") -> Verdict:
+    """The kernel-level rule: an attention output (batch, heads, q_len, head_dim) against fp64.
+
+    ``mask`` (broadcastable, True = compare) excludes e.g. query rows of padding tokens.
+    """
+    return compare_tensors(out, out_eager_same_dtype, ref64, factor=factor, slack_floor=slack_floor, mask=mask,
+                           what=name, position_names=("batch", "head", "query", "dim"))
+
+
+def first_diverging_layer(hidden_states_impl, hidden_states_eager, hidden_states_ref,
+                          mask: torch.Tensor | None, factor: float, slack: float, *,
+                          name: str = "hidden states") -> Verdict:
+    """Walk per-layer hidden states (index 0 = embeddings) and return the first layer breaking the rule.
+
+    Each argument is a sequence of (batch, tokens, hidden) tensors as returned with
+    ``output_hidden_states=True``; ``mask`` is the (batch, tokens) attention mask (1 = real token).
+    Returns the first failing layer's verdict, or, when all pass, the verdict of the layer with the
+    largest error/allowed so callers can record the tightest margin.
+    """
+    n = len(hidden_states_impl)
+    if not (n == len(hidden_states_eager) == len(hidden_states_ref)):
+        raise ValueError(f"hidden-state counts differ: {n}, {len(hidden_states_eager)}, {len(hidden_states_ref)}")
+    tightest: Verdict | None = None
+    for layer, (h_impl, h_eager, h_ref) in enumerate(zip(hidden_states_impl, hidden_states_eager, hidden_states_ref)):
+        v = compare_tensors(h_impl, h_eager, h_ref, factor=factor, slack_floor=slack, mask=mask,
+                            what=f"{name}, layer {layer} of {n - 1} (0 = embeddings)",
+                            position_names=("batch", "token", "hidden"))
+        v = Verdict(**{**v.__dict__, "layer": layer})
+        if not v.passed:
+            return Verdict(**{**v.__dict__, "message": f"first diverging layer {layer}: {v.message}"})
+        if tightest is None or (v.error / v.allowed if v.allowed else 0) > (
+                tightest.error / tightest.allowed if tightest.allowed else 0):
+            tightest = v
+    assert tightest is not None, "no hidden states to compare"
+    return Verdict(**{**tightest.__dict__, "message": f"all {n} layers within the rule; tightest {tightest.message}"})

@@ -1,0 +1,185 @@
+"""Planted faults the quantization suite must catch, each through the same check the suite applies
+(harness.quantization.check_agreement / check_footprint / check_really_differs), on the default
+model on CPU with the suite's CI windows (2 x 256 tokens, 254 scored)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness import quantization as Q
+from harness.capabilities import by_name, detect
+from harness.models import ModelSpec, load_model, load_tokenizer
+
+CPU = torch.device("cpu")
+WINDOW, WINDOW_COUNT = 256, 2
+FAULTY_LAYER = "model.layers.0.mlp.down_proj"
+
+
+def _require(capability: str) -> None:
+    cap = by_name(detect(CPU, torch.float32)).get(capability)
+    if cap is None or not cap.available:
+        pytest.skip(f"{capability} unavailable: {cap.reason if cap else 'unknown capability'}")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return ModelSpec("smollm2-135m", "default")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(spec):
+    return load_tokenizer(spec)
+
+
+@pytest.fixture(scope="module")
+def reference(spec):
+    return load_model(spec, device=CPU, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def evaluation(reference, tokenizer):
+    windows = Q.corpus_windows(tokenizer, WINDOW, WINDOW_COUNT)
+    mask = Q.scored_mask(windows)
+    return windows, mask, Q.next_token_targets(windows)[mask], Q.window_logits(reference, windows, mask)
+
+
+@pytest.fixture(scope="module")
+def int8_model(spec):
+    _require("bnb_int8")
+    return load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("int8"))
+
+
+def _statistics(model, evaluation):
+    windows, mask, targets, ref_logits = evaluation
+    return Q.agreement_statistics(ref_logits, Q.window_logits(model, windows, mask), targets)
+
+
+def test_unbroken_int8_passes_every_check(int8_model, reference, evaluation):
+    """The control: without a fault the checks below have nothing to report."""
+    stats = _statistics(int8_model, evaluation)
+    limits = Q.QuantizationThresholds()
+    assert Q.check_agreement(stats, limits.int8, scheme="int8") == []
+    assert Q.check_really_differs(stats, limits, scheme="int8") == []
+    prediction = Q.predict_footprint(reference, "int8")
+    assert Q.check_footprint(int8_model.get_memory_footprint(), prediction, limits.footprint_rel_margin,
+                             scheme="int8") == []
+    assert Q.check_layer_gains(Q.layer_reconstructions(reference, int8_model), limits.max_layer_gain_error,
+                               scheme="int8") == []
+
+
+def _int8_scales(layer):
+    """The per-row scales LLM.int8 multiplies its int8 products by (moved into layer.state on first use)."""
+    return layer.state.SCB if layer.state.SCB is not None else layer.weight.SCB
+
+
+def _planted_scale_error(model, reference, evaluation, scales, scheme):
+    """Multiply one layer's quantization scales by 1.05, run the suite's checks, restore the scales."""
+    original = scales.clone()
+    scales.mul_(1.05)
+    try:
+        gains = Q.check_layer_gains(Q.layer_reconstructions(reference, model),
+                                    Q.QuantizationThresholds().max_layer_gain_error, scheme=scheme)
+        stats = _statistics(model, evaluation)
+    finally:
+        scales.copy_(original)
+    return gains, stats
+
+
+def test_scale_off_by_five_percent_is_caught_by_layer_gain(int8_model, reference, evaluation):
+    layer = int8_model.get_submodule(FAULTY_LAYER)
+    gains, stats = _planted_scale_error(int8_model, reference, evaluation, _int8_scales(layer), "int8")
+    assert len(gains) == 1 and FAULTY_LAYER in gains[0] and "1.0500" in gains[0], gains
+    # Why the layer check exists: the model-level statistics barely move (measured KLD mean 0.0137 ->
+    # 0.0158, within the int8 threshold), so they alone would let this fault through.
+    print(f"statistics with the fault: KLD mean {stats.kld_mean:.4g}, top-1 {stats.top1:.4f}")
+    print("\n".join(gains))
+
+
+@pytest.mark.slow
+def test_nf4_absmax_off_by_five_percent_is_caught_by_layer_gain(spec, reference, evaluation):
+    _require("bnb_nf4")
+    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("nf4"))
+    layer = model.get_submodule(FAULTY_LAYER)
+    gains, _ = _planted_scale_error(model, reference, evaluation, layer.weight.quant_state.absmax, "nf4")
+    assert len(gains) == 1 and FAULTY_LAYER in gains[0], gains
+
+
+def test_layer_left_unquantized_fails_footprint(spec, reference):
+    _require("bnb_int8")
+    config = Q.quantization_config("int8", skip_modules=["lm_head", "model.layers.7.mlp.down_proj"])
+    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=config)
+    prediction = Q.predict_footprint(reference, "int8")
+    failures = Q.check_footprint(model.get_memory_footprint(), prediction, Q.QuantizationThresholds().footprint_rel_margin,
+                                 scheme="int8", unquantized=Q.unquantized_linear_layers(model))
+    assert failures and "model.layers.7.mlp.down_proj" in failures[0], failures
+    print("\n".join(failures))
+
+
+def _quantized_lm_head(reference, quant_type: str):
+    """The tied output embedding as a bitsandbytes layer, as if the LM head had not been kept in full precision."""
+    import bitsandbytes as bnb
+
+    weight = reference.get_output_embeddings().weight.detach().clone()
+    out_features, in_features = weight.shape
+    if quant_type == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type)
+    return layer.to(CPU)
+
+
+@pytest.mark.parametrize("head_scheme", ["int8", "nf4"])
+def test_lm_head_quantized_is_caught(int8_model, reference, evaluation, tokenizer, head_scheme):
+    """An int8 model whose LM head was quantized too (int8 like the rest, or nf4): the extra quantized head
+    shows in the footprint (the tied embedding still has to exist) and, where the head's rounding is
+    coarse enough, in the statistics."""
+    _require("bnb_int8" if head_scheme == "int8" else "bnb_nf4")
+    original = int8_model.lm_head
+    int8_model.lm_head = _quantized_lm_head(reference, head_scheme)
+    try:
+        stats = _statistics(int8_model, evaluation)
+        measured = int8_model.get_memory_footprint()
+    finally:
+        int8_model.lm_head = original
+    limits = Q.QuantizationThresholds()
+    agreement = Q.check_agreement(stats, limits.int8, scheme="int8", decode=tokenizer.decode)
+    footprint = Q.check_footprint(measured, Q.predict_footprint(reference, "int8"), limits.footprint_rel_margin,
+                                  scheme="int8")
+    print(f"LM head as {head_scheme}: KLD mean {stats.kld_mean:.4g}, top-1 {stats.top1:.4f}")
+    print("\n".join(agreement + footprint))
+    assert footprint, "the quantized LM head did not show in the weight footprint"
+    if head_scheme == "nf4":
+        assert agreement, f"an nf4 LM head went unnoticed by the statistics: KLD mean {stats.kld_mean:.4g}"
+
+
+def test_reference_computed_with_quantized_model_is_too_perfect(int8_model, evaluation):
+    windows, mask, targets, _ = evaluation
+    same = Q.window_logits(int8_model, windows, mask)
+    stats = Q.agreement_statistics(same, same.clone(), targets)
+    failures = Q.check_really_differs(stats, Q.QuantizationThresholds(), scheme="int8")
+    assert len(failures) == 2 and "too perfect" in failures[1], failures
+    print("\n".join(failures))
+
+
+def test_statistics_refuse_fewer_than_100_tokens(evaluation):
+    from harness.errors import HarnessUsageError
+
+    _, _, targets, ref_logits = evaluation
+    with pytest.raises(HarnessUsageError, match="at least 100"):
+        Q.agreement_statistics(ref_logits[:99], ref_logits[:99], targets[:99])
+
+
+def test_thresholds_file_overrides_and_rejects_unknown_keys(tmp_path):
+    from harness.errors import HarnessUsageError
+
+    path = tmp_path / "t.json"
+    path.write_text('{"quantization": {"nf4-dq": {"max_kld_mean": 0.1}, "footprint_rel_margin": 0.02}}')
+    loaded = Q.load_quantization_thresholds(str(path))
+    assert loaded.for_scheme("nf4-dq").max_kld_mean == 0.1 and loaded.footprint_rel_margin == 0.02
+    assert loaded.for_scheme("nf4") == Q.QuantizationThresholds().nf4
+    path.write_text('{"quantization": {"nf4": {"max_kld": 0.1}}}')
+    with pytest.raises(HarnessUsageError, match="unknown limit"):
+        Q.load_quantization_thresholds(str(path))
