@@ -21,15 +21,15 @@ step() {  # step NAME SECONDS command...: run with a time cap, log to $out, prin
   grep -E "^(FAILED|ERROR)|passed|failed|harness report" "$out/$name.log" | tail -6
 }
 
-gate() { python3 -m harness.gate --device cuda --report-dir reports/h100 "$@"; }
+GATE="python3 -m harness.gate --device cuda --report-dir reports/h100"
 
 case $phase in
   default)  # the trained default model: every suite in bf16, then the equivalence suites in fp16
-    step default-bf16 330 gate --model smollm2-135m --dtype bfloat16 --profile quick
-    step default-fp16 200 gate --model smollm2-135m --dtype float16 --profile quick -- \
+    step default-bf16 330 $GATE --model smollm2-135m --dtype bfloat16 --profile quick
+    step default-fp16 200 $GATE --model smollm2-135m --dtype float16 --profile quick -- \
          suites/test_attention_kernels.py suites/test_attention_model.py suites/test_cache_equivalence.py ;;
   large)    # 7B-shaped random Llama: memory, speed, equivalence
-    step llama7b-bf16 540 gate --model random:llama-7b --dtype bfloat16 --profile quick ;;
+    step llama7b-bf16 540 $GATE --model random:llama-7b --dtype bfloat16 --profile quick ;;
   long)     # the full needle-in-a-haystack grid up to the default model's 8192-token context
     step niah-full 420 python3 -m pytest suites/test_long_context.py --model smollm2-135m --device cuda \
          --dtype bfloat16 --run-slow --report-dir reports/h100 -p no:cacheprovider -rfEs

@@ -329,3 +329,88 @@ def check_attention_kernel(fn: Callable, case: AttentionCase, *, dtype, device, 
         mask if mask.dtype == torch.bool else mask.double()), causal=case.causal, window=case.window)
     return attention_error_check(out, baseline, ref, factor=factor, slack_floor=slack_floor,
                                  mask=query_rows_to_compare(case, device), name=f"{name} on {case}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: the check the model suite (and the planted-fault tests) run
+
+
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift RoPE/learned positions."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def model_forward(model, input_ids, attention_mask, context=None):
+    """One no-grad forward with every layer's hidden states, inside ``context`` (e.g. sdpa_kernel)."""
+    with torch.no_grad(), (context or contextlib.nullcontext)():
+        return model(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=padded_position_ids(attention_mask), output_hidden_states=True)
+
+
+def upcast_reference(model, dtype=torch.float64):
+    """The same weights in a wider dtype: the truth the k x eager rule measures against.
+
+    Loading the model again in float64 is not the same thing for random-weight presets (their
+    initialisation draws different numbers per dtype), and a reference with other weights would
+    make every comparison vacuous.
+
+    The reference attention is this module's ``eager_attention`` registered with transformers as
+    ``REFERENCE_ATTENTION``, not transformers' own "eager"/"sdpa": transformers' eager path turns
+    the fully masked query rows of left padding into NaN in float64 (two finfo.min biases
+    overflow to -inf, and the NaN reaches real tokens through 0 x NaN in the next layer), and
+    "sdpa" is the name a planted fault (or a user's override) replaces. Falcon does not dispatch
+    through transformers' registry, so it keeps its SDPA path run with the math kernel
+    (``reference_context()``), which gives fully masked rows 0 as well.
+    """
+    import copy
+
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention_forward)
+    AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)  # bool masks (True = attend) or None
+    reference = copy.deepcopy(model).to(dtype)
+    reference.set_attn_implementation("sdpa" if reference.config.model_type == "falcon" else REFERENCE_ATTENTION)
+    return reference
+
+
+REFERENCE_ATTENTION = "harness_eager_reference"
+
+
+def _reference_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                                 **kwargs):
+    """transformers' attention-function signature around eager_attention (masks: bool, additive, or None)."""
+    mask, causal, window = attention_mask, False, None
+    if mask is None:  # sdpa_mask skipped a plain causal (or sliding-window) mask
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and query.shape[2] > 1
+        window = kwargs.get("sliding_window") or None
+    elif mask.dtype != torch.bool:
+        mask = torch.where(mask <= torch.finfo(mask.dtype).min / 2, float("-inf"), mask)
+    out = eager_attention(query, key, value, mask=mask, causal=causal, window=window, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def reference_context():
+    """The context the upcast reference runs in (SDPA forced to its math kernel, for Falcon)."""
+    return _sdpa_context("MATH")
+
+
+def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, factor: float, slack: float, name: str):
+    """(layers verdict, logits verdict) of harness.compare's k x eager rule; padding excluded.
+
+    Raises ValueError when eager and the reference disagree beyond rounding (1 % of the logits'
+    range), since then the rule would accept anything.
+    """
+    from harness.compare import compare_tensors, first_diverging_layer, max_abs_error
+
+    scale = float(reference_out.logits.abs().max())
+    if max_abs_error(eager_out.logits, reference_out.logits, attention_mask) > 0.01 * scale:
+        raise ValueError(f"{name}: eager and the reference differ by more than rounding "
+                         f"({max_abs_error(eager_out.logits, reference_out.logits, attention_mask):.3g} on logits up to "
+                         f"{scale:.3g}); are they the same weights?")
+
+    layers = first_diverging_layer(out.hidden_states, eager_out.hidden_states, reference_out.hidden_states,
+                                   attention_mask, factor, slack, name=name)
+    logits = compare_tensors(out.logits, eager_out.logits, reference_out.logits, factor=factor, slack_floor=slack,
+                             mask=attention_mask, what=f"{name}: logits", position_names=("batch", "token", "vocab"))
+    return layers, logits

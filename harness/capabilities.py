@@ -150,7 +150,7 @@ def _flash_attn_packages(device) -> list[Capability]:
     import torch
 
     found = []
-    specs = [("flash_attention_2", "flash_attn", (8, 0), "flash-attn 2 (pip install flash-attn)"),
+    specs = [("flash_attention_2", "flash_attn_2_cuda", (8, 0), "flash-attn 2 (pip install flash-attn)"),
              ("flash_attention_3", "flash_attn_interface", (9, 0), "flash-attn 3 (hopper/ build of flash-attention)"),
              ("flash_attention_4", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")]
     for name, module, min_cc, package in specs:

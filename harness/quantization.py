@@ -117,23 +117,27 @@ class QuantizationThresholds:
     # 0.060 / 0.093, ln PPL ratio 0.002 / 0.022 (CI windows / whole corpus).
     int8: SchemeThresholds = SchemeThresholds(
         min_top1=0.85, min_top5_overlap=0.85, max_kld_mean=0.03, max_kld_p99=0.2,
-        max_ln_ppl_ratio=0.05, min_greedy_prefix=4.0)
+        max_ln_ppl_ratio=0.05, min_greedy_prefix=4.0)  # greedy: not measured on CPU (too slow), see suite
     # nf4 measured top-1 0.701 / 0.742, top-5 0.748 / 0.740, KLD mean 0.236 / 0.251, KLD p99
     # 0.88 / 1.31, ln PPL ratio 0.204 / 0.212. Double quantization only re-quantizes the absmax
-    # scales (8-bit, blocks of 256), measured within the statistics' standard error of nf4.
+    # scales (8-bit, blocks of 256): nf4-dq measured top-1 0.701, KLD mean 0.236, KLD p99 0.90 on the
+    # CI windows, the same as nf4 within the statistics' standard error.
+    # Greedy: nf4 measured a common prefix of 6 and 6 tokens (of 12) on the first two chat prompts.
     nf4: SchemeThresholds = SchemeThresholds(
         min_top1=0.6, min_top5_overlap=0.6, max_kld_mean=0.45, max_kld_p99=2.5,
-        max_ln_ppl_ratio=0.4, min_greedy_prefix=1.0)
+        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0)
     nf4_dq: SchemeThresholds = SchemeThresholds(
         min_top1=0.6, min_top5_overlap=0.6, max_kld_mean=0.45, max_kld_p99=2.5,
-        max_ln_ppl_ratio=0.4, min_greedy_prefix=1.0)
-    # fp4 (no data-type fitted to normal weights) rounds coarser than nf4: measured see FP4_MEASURED.
+        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0)
+    # fp4's grid is not fitted to normally distributed weights, so it rounds coarser than nf4: measured
+    # top-1 0.575 / 0.640, top-5 0.662 / 0.651, KLD mean 0.436 / 0.475, KLD p99 2.05 / 2.26,
+    # ln PPL ratio 0.385 / 0.397.
     fp4: SchemeThresholds = SchemeThresholds(
-        min_top1=0.5, min_top5_overlap=0.5, max_kld_mean=0.7, max_kld_p99=3.5,
-        max_ln_ppl_ratio=0.6, min_greedy_prefix=1.0)
+        min_top1=0.45, min_top5_overlap=0.5, max_kld_mean=0.9, max_kld_p99=4.5,
+        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0)
     fp4_dq: SchemeThresholds = SchemeThresholds(
-        min_top1=0.5, min_top5_overlap=0.5, max_kld_mean=0.7, max_kld_p99=3.5,
-        max_ln_ppl_ratio=0.6, min_greedy_prefix=1.0)
+        min_top1=0.45, min_top5_overlap=0.5, max_kld_mean=0.9, max_kld_p99=4.5,
+        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0)
     # Too-perfect agreement: a quantized model really differs from its reference. Measured int8 (the
     # closest scheme) mean KLD 0.0126; a model compared with itself gives exactly 0 (fp32) and bf16
     # re-rounding of the same weights gives ~1e-4. 1e-3 sits between with >10x margin either way.
@@ -145,7 +149,8 @@ class QuantizationThresholds:
     footprint_rel_margin: float = 0.005
     # Per-layer gain of the dequantized weight onto the reference (<W_q, W> / <W, W>): rounding to the
     # nearest grid value is unbiased, measured max |gain - 1| over SmolLM2's 210 layers 1.0e-4 (int8),
-    # 3.6e-3 (nf4); a scale off by 5 % in one layer gives 0.05, 5x this limit.
+    # 3.6e-3 (nf4 dequantized) / 4.1e-3 (nf4 read through its bf16 CPU kernel); a scale off by 5 % in
+    # one layer gives 0.05, 5x this limit.
     max_layer_gain_error: float = 0.01
 
     def for_scheme(self, name: str) -> SchemeThresholds:
@@ -430,23 +435,37 @@ class LayerReconstruction:
     relative_rmse: float  # ||W_q - W|| / ||W||
 
 
-def dequantized_weight(module):
-    """The weight a bitsandbytes layer actually multiplies by, in float32 (None for other modules)."""
+def _weight_through_forward(module):
+    """W as the layer applies it: layer(I) - layer(0) = I @ W^T, computed with the layer's own kernel."""
     import torch
 
+    device = next(module.parameters()).device
+    eye = torch.eye(module.in_features, dtype=getattr(module, "compute_dtype", None) or torch.float32, device=device)
+    with torch.inference_mode():
+        out = module(eye).float()
+        if module.bias is not None:
+            out = out - module.bias.float()
+    return out.T
+
+
+def dequantized_weight(module):
+    """The weight a bitsandbytes layer actually multiplies by, in float32 (None for other modules)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
         return None
     if isinstance(module, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+        data, state = module.weight.data, module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes >= 0.48 repacks 4-bit weights for its CPU kernel on the first forward (and
+            # its inverse is only best-effort): read the weight back through the layer itself.
+            return _weight_through_forward(module)
+        return bnb.functional.dequantize_4bit(data, state).float()
     if isinstance(module, bnb.nn.Linear8bitLt):
         state = module.state
         codes = state.CB if state.CB is not None else module.weight.data
         scales = state.SCB if state.SCB is not None else module.weight.SCB
         return codes.float() * (scales.float()[:, None] / 127.0)
-    if type(module) is torch.nn.Linear:
-        return None
     return None
 
 
@@ -536,6 +555,28 @@ def unquantized_linear_layers(model) -> list[str]:
         if type(module) is torch.nn.Linear:
             found.append(name)
     return found
+
+
+def quant_state_bytes(model) -> int:
+    """Bytes of bitsandbytes' scales kept outside parameters and buffers (so outside
+    get_memory_footprint()): int8 row scales (SCB), 4-bit absmax per 64-value block and, with double
+    quantization, the 8-bit absmax plus its own fp32 scales per 256 blocks. Reported, not checked."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    total = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear8bitLt):
+            scb = module.state.SCB if module.state.SCB is not None else getattr(module.weight, "SCB", None)
+            total += scb.numel() * scb.element_size() if scb is not None else 0
+        elif isinstance(module, bnb.nn.Linear4bit) and module.weight.quant_state is not None:
+            qs = module.weight.quant_state
+            for tensor in (qs.absmax, getattr(qs, "offset", None),
+                           getattr(getattr(qs, "state2", None), "absmax", None)):
+                if tensor is not None and hasattr(tensor, "numel"):
+                    total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def check_footprint(measured_bytes: int, prediction: FootprintPrediction, margin: float, *, scheme: str,

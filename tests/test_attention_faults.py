@@ -1,0 +1,155 @@
+"""The attention suites fail on broken attention, with a message that points at the bug.
+
+Kernel level: hypothesis searches the suite's own case strategy for an input where the faulty
+kernel breaks the suite's rule (harness.attention.check_attention_kernel) and shrinks it; the
+minimal case must show the feature the fault breaks (e.g. GQA for the head-order fault).
+Model level: each fault is installed as transformers' "sdpa" attention and the suite's model check
+(harness.attention.compare_model_outputs) must name a diverging layer. One subprocess run of
+suites/test_attention_model.py with HARNESS_PLANTED_FAULT shows the suite itself failing.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import find, settings
+
+from harness.attention import (KERNELS, attention_cases, check_attention_kernel, compare_model_outputs, model_forward,
+                               reference_context, upcast_reference)
+from harness.config import Tolerances
+from harness.models import load_model, resolve_model
+from tests.planted_faults import (ATTENTION_FAULTS, FAULT_DESCRIPTIONS, KERNEL_FAULTS, activate_planted_fault,
+                                  deactivate_planted_faults)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = Tolerances()
+CPU = torch.device("cpu")
+
+# what the shrunk failing case must exhibit for its message to point at the fault
+MINIMAL_CASE_SHOWS = {
+    "attention_scale_off": lambda c: c.k_len >= 2,
+    "attention_causal_shift": lambda c: c.causal and c.q_len >= 1 and c.k_len >= 2,
+    "attention_padding_ignored": lambda c: c.mask != "none",
+    "attention_gqa_wrong_order": lambda c: c.kv_heads >= 2 and c.q_heads > c.kv_heads,
+    "attention_window_too_wide": lambda c: c.window is not None and c.k_len > c.window,
+    "attention_fp16_accumulation": lambda c: True,
+}
+
+
+def _kernel_fails(fn, name):
+    def fails(case):
+        return not check_attention_kernel(fn, case, dtype=torch.float32, device=CPU, factor=TOL.attention_error_factor,
+                                          slack_floor=TOL.attention_abs_slack, name=name).passed
+    return fails
+
+
+@pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
+def test_kernel_suite_rule_catches_fault_and_shrinks_to_its_feature(fault):
+    fn = KERNEL_FAULTS[fault]
+    minimal = find(attention_cases(), _kernel_fails(fn, fault),
+                   settings=settings(max_examples=500, derandomize=True, database=None))
+    verdict = check_attention_kernel(fn, minimal, dtype=torch.float32, device=CPU, factor=TOL.attention_error_factor,
+                                     slack_floor=TOL.attention_abs_slack, name=fault)
+    assert not verdict.passed and "EXCEEDS" in verdict.message and fault in verdict.message
+    assert MINIMAL_CASE_SHOWS[fault](minimal), f"{fault}: shrunk case does not show the fault's feature: {minimal}"
+    print(f"{fault} ({FAULT_DESCRIPTIONS[fault]}): {verdict.message}")
+
+
+@pytest.mark.parametrize("name", ["sdpa_math", "sdpa_flash", "flex_attention"])
+def test_correct_kernels_pass_the_same_search(name):
+    """The control: the search that finds every fault finds nothing in the real kernels (fp32 CPU)."""
+    from hypothesis.errors import NoSuchExample
+
+    with pytest.raises(NoSuchExample):
+        find(attention_cases(), _kernel_fails(KERNELS[name].fn, name),
+             settings=settings(max_examples=60, derandomize=True, database=None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level
+
+
+MODEL_FOR_FAULT = {  # the preset whose architecture exposes the fault
+    "attention_scale_off": ("tiny:llama", "single"),
+    "attention_causal_shift": ("tiny:llama", "single"),
+    "attention_padding_ignored": ("tiny:llama", "left_padded"),
+    "attention_gqa_wrong_order": ("tiny:llama", "single"),
+    "attention_window_too_wide": ("tiny:mistral", "past_window"),
+    "attention_fp16_accumulation": ("tiny:llama", "single"),
+}
+
+
+def _inputs(scenario, vocab=49152, pad=2):
+    gen = torch.Generator().manual_seed(0)
+    lengths = {"single": [24], "left_padded": [24, 15], "past_window": [40]}[scenario]
+    longest = max(lengths)
+    ids = torch.full((len(lengths), longest), pad)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, longest - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, longest - n:] = 1
+    return ids, mask
+
+
+@pytest.fixture
+def planted():
+    yield activate_planted_fault
+    deactivate_planted_faults()
+
+
+@pytest.mark.parametrize("fault", sorted(ATTENTION_FAULTS))
+def test_model_check_names_first_diverging_layer(fault, planted):
+    preset, scenario = MODEL_FOR_FAULT[fault]
+    spec = resolve_model(preset)[0]
+    ids, mask = _inputs(scenario)
+    eager_model = load_model(spec, device=CPU, dtype=torch.float32)
+    eager = model_forward(eager_model, ids, mask)
+    ref = model_forward(upcast_reference(eager_model), ids, mask, reference_context)
+    model = load_model(spec, device=CPU, dtype=torch.float32, attn_implementation="sdpa")
+    model.load_state_dict(eager_model.state_dict())  # same weights, other attention
+    correct_layers, correct_logits = compare_model_outputs(model_forward(model, ids, mask), eager, ref, mask,
+                                                           factor=TOL.model_error_factor, slack=TOL.attention_abs_slack,
+                                                           name="sdpa")
+    assert correct_layers.passed and correct_logits.passed, "control: real sdpa must pass before the fault is planted"
+    planted(fault)
+    layers, logits = compare_model_outputs(model_forward(model, ids, mask), eager, ref, mask,
+                                           factor=TOL.model_error_factor, slack=TOL.attention_abs_slack,
+                                           name=f"sdpa with {fault}")
+    assert not layers.passed and not logits.passed
+    assert layers.message.startswith("first diverging layer 1:"), layers.message  # layer 1 = first attention output
+    assert "EXCEEDS" in layers.message and "token=" in layers.message
+    print(f"{fault} ({FAULT_DESCRIPTIONS[fault]}): {layers.message}")
+
+
+def test_unknown_fault_is_a_key_error():
+    with pytest.raises(KeyError, match="known attention faults"):
+        activate_planted_fault("no_such_fault")
+
+
+def _run_suite(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "LLM_HARNESS_CACHE": os.environ.get("LLM_HARNESS_CACHE", "/tmp/hcache"), **(env_extra or {})}
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([sys.executable, "-m", "pytest", "suites/test_attention_model.py", "-q", "-p", "no:cacheprovider",
+                           "-W", "ignore", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_model_suite_fails_with_planted_fault():
+    run = _run_suite("--model", "tiny:llama", "--attn", "sdpa_math", "-k", "single or decode",
+                     env_extra={"HARNESS_PLANTED_FAULT": "attention_scale_off"})
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "PLANTED FAULT ACTIVE: attention_scale_off" in run.stdout
+    assert "first diverging layer 1" in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_correct_implementations_pass_twenty_seeds():
+    """No false alarm: 20 seeds in a row of the model suite on every tiny preset pass."""
+    failures = []
+    for seed in range(20):
+        run = _run_suite("--model", "tiny:all", "--seed", str(seed), "-x")
+        if run.returncode != 0:
+            failures.append((seed, run.stdout[-1500:]))
+    assert not failures, failures
