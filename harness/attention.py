@@ -110,6 +110,8 @@ def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kwargs = {}
+    if causal and q.shape[2] == 1:
+        causal = False  # bottom-right: a single (newest) query sees every key, so no mask is needed
     if causal and window is None and mask is None and q.shape[2] == k.shape[2]:
         kwargs["is_causal"] = True  # the flag fused kernels need; same alignment as ours when square
     else:
@@ -117,7 +119,10 @@ def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
         if keep is not None:
             kwargs["attn_mask"] = keep if (mask is None or mask.dtype == torch.bool) else _additive_bias(mask, keep, q.dtype)
     if q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
+        if backend in ("MATH", "FLASH_ATTENTION"):
+            kwargs["enable_gqa"] = True
+        else:  # torch documents enable_gqa for the math and flash kernels only: give the others repeated heads
+            k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     with sdpa_kernel(getattr(SDPBackend, backend)):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, **kwargs)
 
@@ -182,6 +187,7 @@ class KernelImpl:
     windows: bool = True
     max_head_dim: int = 256
     head_dim_multiple: int = 1
+    causal_square_only: bool = False  # causal only where SDPA's top-left is_causal agrees (q_len == k_len or 1)
     low_precision_only: bool = False  # fp16/bf16 only (flash kernels)
 
 
@@ -263,6 +269,10 @@ class AttentionCase:
             case = dataclasses.replace(case, window=None)
         if case.head_dim > impl.max_head_dim:
             case = dataclasses.replace(case, head_dim=impl.max_head_dim)
+        if case.head_dim % impl.head_dim_multiple:
+            case = dataclasses.replace(case, head_dim=-(-case.head_dim // impl.head_dim_multiple) * impl.head_dim_multiple)
+        if impl.causal_square_only and case.causal and 1 < case.q_len < case.k_len:
+            case = dataclasses.replace(case, causal=False)
         return case
 
     def tensors(self, dtype, device):

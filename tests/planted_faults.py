@@ -161,14 +161,18 @@ def kernel_scale_off(q, k, v, *, mask=None, causal=False, window=None, scale=Non
 
 
 def kernel_causal_shift(q, k, v, *, mask=None, causal=False, window=None, scale=None):
-    keep = combined_bool_mask(q, k, mask, causal, window)
-    if keep is not None and causal:
-        keep = keep.expand(q.shape[0], 1, q.shape[2], k.shape[2]).clone() if keep.dim() < 4 else keep.clone()
-        keep[..., 1:] |= keep[..., :-1].clone()
-    user_bias = mask if mask is not None and mask.dtype != torch.bool else None
-    if user_bias is not None and keep is not None:
-        keep = torch.where(keep, torch.where(torch.isneginf(user_bias), 0.0, user_bias), float("-inf")).to(q.dtype)
-    return eager_attention(q, k, v, mask=keep, scale=scale)
+    """The causal structure built one key too far (query i also sees key i+1); padding and window intact."""
+    if not causal:
+        return eager_attention(q, k, v, mask=mask, window=window, scale=scale)
+    shifted = structural_mask(q.shape[2], k.shape[2], causal=True, window=None, device=q.device)
+    shifted[:, 1:] |= shifted[:, :-1].clone()
+    if mask is None:
+        combined = shifted
+    elif mask.dtype == torch.bool:
+        combined = mask & shifted
+    else:
+        combined = torch.where(shifted, mask, torch.tensor(float("-inf"), dtype=mask.dtype, device=mask.device))
+    return eager_attention(q, k, v, mask=combined, window=window, scale=scale)
 
 
 def kernel_padding_ignored(q, k, v, *, mask=None, causal=False, window=None, scale=None):
