@@ -111,11 +111,11 @@ class Tolerances:
     timer_agreement_rel: float = 0.03
 
 
-def load_tolerances(path: str | None) -> Tolerances:
-    """Tolerances with the user's overrides from a JSON file applied (unknown keys are errors)."""
-    base = Tolerances()
+def read_thresholds_section(path: str | None, section: str) -> dict:
+    """The `section` object of the user's --thresholds JSON file ({} without a file or section).
+    Tolerances, quantization thresholds and the NIAH grid each read their own section through this."""
     if not path:
-        return base
+        return {}
     p = Path(path).expanduser()
     if not p.is_file():
         raise HarnessUsageError(f"--thresholds: no such file: {path}")
@@ -123,10 +123,17 @@ def load_tolerances(path: str | None) -> Tolerances:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise HarnessUsageError(f"--thresholds: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    found = data.get(section, {}) if isinstance(data, dict) else None
+    if not isinstance(found, dict):
+        raise HarnessUsageError(f"--thresholds: {path} must hold an object with a '{section}' object")
+    return found
+
+
+def load_tolerances(path: str | None) -> Tolerances:
+    """Tolerances with the user's overrides from a JSON file applied (unknown keys are errors)."""
+    base = Tolerances()
+    section = read_thresholds_section(path, "tolerances")
     known = {f.name for f in dataclasses.fields(Tolerances)}
-    section = data.get("tolerances", {}) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise HarnessUsageError(f"--thresholds: {path} must hold an object with a 'tolerances' object")
     unknown = sorted(set(section) - known)
     if unknown:
         raise HarnessUsageError(f"--thresholds: unknown tolerance(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

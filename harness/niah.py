@@ -16,12 +16,12 @@ chat model answers with the number instead of rephrasing the question.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config import read_thresholds_section
 from harness.errors import HarnessUsageError
 
 HAYSTACK_DIR = Path(__file__).parent / "data" / "haystack"
@@ -77,14 +77,7 @@ def load_config(thresholds_file: str | None, base: NiahConfig) -> NiahConfig:
     """`base` with the "niah" section of the --thresholds JSON applied, e.g.
     {"niah": {"lengths": [1024, 4096], "depths": [0, 50, 100], "needles": 3, "min_accuracy": 0.9,
               "prompt": {"chat_template": false}}}. Unknown keys are errors."""
-    if not thresholds_file:
-        return base
-    try:
-        section = json.loads(Path(thresholds_file).expanduser().read_text()).get("niah", {})
-    except (OSError, json.JSONDecodeError, AttributeError) as exc:
-        raise HarnessUsageError(f"--thresholds {thresholds_file}: cannot read its niah section ({exc})") from None
-    if not isinstance(section, dict):
-        raise HarnessUsageError(f"--thresholds {thresholds_file}: 'niah' must be an object")
+    section = read_thresholds_section(thresholds_file, "niah")
     known = {f.name for f in dataclasses.fields(NiahConfig)}
     unknown = sorted(set(section) - known)
     if unknown:

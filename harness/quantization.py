@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.config import read_thresholds_section
 from harness.errors import HarnessUsageError
 
 CORPUS_DIR = Path(__file__).parent / "data" / "corpus"
@@ -162,18 +163,7 @@ def load_quantization_thresholds(path: str | None) -> QuantizationThresholds:
     """QuantizationThresholds with the "quantization" section of the --thresholds JSON file applied:
     {"quantization": {"nf4": {"max_kld_mean": 0.1}, "footprint_rel_margin": 0.01}}. Unknown keys are errors."""
     base = QuantizationThresholds()
-    if not path:
-        return base
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise HarnessUsageError(f"--thresholds: no such file: {path}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise HarnessUsageError(f"--thresholds: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    section = data.get("quantization", {}) if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise HarnessUsageError(f"--thresholds: {path}: 'quantization' must be an object")
+    section = read_thresholds_section(path, "quantization")
     changes = {}
     known = {f.name: f for f in dataclasses.fields(QuantizationThresholds)}
     for key, value in section.items():

@@ -18,16 +18,6 @@ LOSSY_KV_DTYPE = "float8_e4m3fn"
 
 
 @pytest.fixture(scope="session")
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-@pytest.fixture(scope="session")
-def pad(tokenizer):
-    return gen.pad_id(tokenizer)
-
-
-@pytest.fixture(scope="session")
 def prompt(run_config):
     return gen.prompt_for_seed(run_config.seed)
 

@@ -15,16 +15,6 @@ from harness.token_agreement import compare_runs, record_fields
 
 
 @pytest.fixture(scope="session")
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-@pytest.fixture(scope="session")
-def pad(tokenizer):
-    return gen.pad_id(tokenizer)
-
-
-@pytest.fixture(scope="session")
 def prompt_inputs(tokenizer, run_config, device):
     return gen.chat_inputs(tokenizer, gen.prompt_for_seed(run_config.seed), device)
 
