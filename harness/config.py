@@ -44,10 +44,19 @@ class Tolerances:
     # flash-attn adds 1e-5 in causal/split-KV cases; FA3 derives slack from the reference's own
     # rounding. We take max(this, 2 * rounding of the reference in the compared dtype).
     attention_abs_slack: float = 1e-5
-    # Model-level comparison across layers accumulates the per-layer factor; transformers uses
-    # atol 1e-2..3e-2 for bf16. We keep the k*eager rule but allow a larger factor because each
-    # layer re-rounds its residual stream.
-    model_error_factor: float = 4.0
+    # Model level: the same k x eager rule over every layer's hidden states and the logits. The
+    # max over a whole residual stream is a noisier statistic than over one attention output: on
+    # CPU float32, 20 seeds x 4 scenarios x SmolLM2-135M (30 layers) reached 4.78 for sdpa_math
+    # (one case: layer 3, hidden value ~238, 40 ulps vs eager's 8), p90 2.25; the tiny presets stay
+    # <= 1.6. The planted faults measure >= 746 (fp16 accumulation) and up to 3e6, so 8 keeps
+    # both margins wide. (transformers' own tests use atol 1e-2..3e-2 in bf16, with no baseline.)
+    model_error_factor: float = 8.0
+    # A sanity bound, not an accuracy criterion: eager in the run's dtype may differ from the
+    # upcast reference by at most this x the largest reference logit, or the reference is taken
+    # to be another model. Measured on the H100 in bf16: SmolLM2-135M (30 layers) 2.82 / 32.5 =
+    # 0.087, random 7B Llama 0.386 / 6.33 = 0.061; float32 on CPU: < 1e-5. A different model
+    # differs by O(1) x the scale.
+    reference_logit_gap: float = 0.25
     # Greedy tokens: a divergence is accepted only at a near-tie of the reference, i.e. where the
     # reference's top-2 logit margin is below this (in logits), and the other run's token must be
     # in the reference's top-k. fp32 near-ties below 1e-3 are rounding noise; bf16 rounds logits

@@ -380,6 +380,16 @@ def reset_cache(cache) -> None:
         cache.reset()
 
 
+def eos_token_ids(model, tokenizer=None) -> list[int]:
+    """Every id generate() treats as end of sequence (and min_new_tokens masks): the generation
+    config's (an int or a list) plus the tokenizer's own."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return sorted(set(ids))
+
+
 def cache_length(cache) -> int:
     return int(cache.get_seq_length())
 

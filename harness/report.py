@@ -100,6 +100,12 @@ def render_markdown(summary: dict) -> str:
         for r in summary["results"]:
             verdict = {True: "pass", False: "FAIL", None: "recorded"}[r["passed"]]
             lines.append(f"| {r['suite']} | {r['check']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['threshold'])} | {verdict} | {r['where']} |")
+    heatmaps = [r for r in summary["results"] if r["check"] == "niah heatmap"]
+    if heatmaps:
+        lines += ["", "## Needle in a haystack", ""]
+        for r in heatmaps:
+            image = Path(str(r["where"])).name
+            lines += [f"![needle retrieval heatmap]({image})", "", r["details"].get("table", ""), ""]
     lines += ["", "## Capability matrix", "", "| backend | category | available | detail / reason |", "|---|---|---|---|"]
     for c in summary["capabilities"]:
         lines.append(f"| {c['name']} | {c['category']} | {'yes' if c['available'] else 'no'} | {c['reason'].replace('|', '/')} |")
@@ -127,5 +133,6 @@ def write_report(run_dir: Path, state, caps, exitstatus: int) -> dict:
         atomic_write(run_dir / "benchmarks.json", json.dumps(benchmarks, indent=1, default=str))
     markdown = render_markdown(summary) + benchmarks_markdown(benchmarks)
     atomic_write(run_dir / "report.md", markdown)
-    atomic_write(run_dir / "report.html", render_html(summary, markdown, benchmarks))
+    figures = sorted(run_dir.glob("niah-*.png"))  # written by the long-context suite into the run directory
+    atomic_write(run_dir / "report.html", render_html(summary, markdown, benchmarks, figures))
     return summary

@@ -18,6 +18,7 @@ import html
 import io
 import re
 from collections import defaultdict
+from pathlib import Path
 
 from harness.memory import SCALING_CHECK
 
@@ -250,13 +251,19 @@ def _short(name: str, width: int = 60) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def render_html(summary: dict, markdown: str, benchmarks: dict | None = None) -> str:
-    """The full page: report.md's content, then the plots that the run's data supports."""
+def render_html(summary: dict, markdown: str, benchmarks: dict | None = None, figures=()) -> str:
+    """The full page: report.md's content (its image links replaced by the embedded ``figures``,
+    PNG files of the run directory), then the plots that the run's data supports."""
     benches = (benchmarks or {}).get("benchmarks") or []
     plots = [("Peak memory vs sequence length, per attention implementation", plot_memory_vs_length(summary.get("results", []))),
              ("Decode tokens/s vs batch size", plot_tokens_per_second_vs_batch(benches)),
              ("Latency distribution", plot_latency_distribution(benches))]
-    body = [markdown_to_html(markdown), "<h2>Plots</h2>"]
+    body = [markdown_to_html("\n".join(line for line in markdown.splitlines() if not line.startswith("![")))]
+    for path in figures:
+        encoded = base64.b64encode(Path(path).read_bytes()).decode()
+        body.append(f'<figure><img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{encoded}">'
+                    f"<figcaption>{html.escape(Path(path).name)}</figcaption></figure>")
+    body.append("<h2>Plots</h2>")
     drawn = [(title, png) for title, png in plots if png]
     for title, png in drawn:
         body.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'

@@ -248,13 +248,18 @@ def test_harness_timer_agrees_with_triton_do_bench(workload, device, dtype, tole
     triton_testing = pytest.importorskip("triton.testing")
     fn = (_large_matmul if workload.startswith("matmul") else _large_sdpa)(device, dtype)
     reference_ms = triton_testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
-    timer_ms = statistics.median(time_calls(fn, device, warmup=5, repeats=30, method="timer")) * 1e3
-    events_ms = statistics.median(time_calls(fn, device, warmup=5, repeats=30, method="events")) * 1e3
-    for name, ms in (("device_timer", timer_ms), ("CUDA events", events_ms)):
+    medians_ms = {name: statistics.median(time_calls(fn, device, warmup=5, repeats=30, method=method)) * 1e3
+                  for name, method in (("device_timer", "timer"), ("CUDA events back to back", "events"),
+                                       ("synchronize + perf_counter", "host_sync"))}
+    for name, ms in medians_ms.items():
         error = ms / reference_ms - 1
-        record_result("timer vs do_bench", f"{name} ms / do_bench ms - 1", error, threshold=f"±{tolerances.timer_agreement_rel}",
-                      passed=abs(error) <= tolerances.timer_agreement_rel, where=workload, harness_ms=ms, do_bench_ms=reference_ms)
-    for name, ms in (("device_timer", timer_ms), ("CUDA events", events_ms)):
+        checked = name != "synchronize + perf_counter"  # recorded for comparison; benchmarks do not use it
+        record_result("timer vs do_bench", f"{name} ms / do_bench ms - 1", round(error, 4),
+                      threshold=f"±{tolerances.timer_agreement_rel}" if checked else "recorded",
+                      passed=abs(error) <= tolerances.timer_agreement_rel if checked else None, where=workload,
+                      harness_ms=round(ms, 4), do_bench_ms=round(reference_ms, 4))
+    for name in ("device_timer", "CUDA events back to back"):
+        ms = medians_ms[name]
         assert abs(ms / reference_ms - 1) <= tolerances.timer_agreement_rel, (
             f"{workload}: harness {name} median {ms:.4f} ms vs triton do_bench {reference_ms:.4f} ms "
             f"({(ms / reference_ms - 1) * 100:+.2f}%, limit ±{tolerances.timer_agreement_rel * 100:g}%)")

@@ -52,12 +52,19 @@ def agrees(dtype_name, tolerances, tokenizer, record_result):
 
 
 @pytest.mark.parametrize("cache_name", list(gen.CACHE_TYPES))
-def test_cache_type_matches_no_cache(cache_name, reference_model, device, prompt_inputs, pad, no_cache_reference, agrees):
+def test_cache_type_matches_no_cache(cache_name, reference_model, device, prompt_inputs, pad, no_cache_reference, agrees,
+                                     known_transformers_bug):
     kind = gen.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
     if reason:
         pytest.skip(f"{cache_name}: {reason}")
-    run = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+    try:
+        run = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+    except ValueError as exc:
+        sliding = getattr(reference_model.config.get_text_config(decoder=True), "sliding_window", None)
+        known_transformers_bug(cache_name == "offloaded-static" and bool(sliding),
+                               f"the offloaded static cache of a sliding-window model fails in update() ({exc})")
+        raise
     agrees(no_cache_reference, run, f"{cache_name} cache vs no cache", lossy_kv=kind.lossy)
 
 
@@ -73,7 +80,8 @@ def test_second_turn_reusing_first_turn_cache_equals_fresh_second_turn(reference
 
 
 @pytest.mark.parametrize("cache_name", ["dynamic", "static"])
-def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model, tokenizer, device, pad, prompt_inputs, agrees, run_config):
+def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model, tokenizer, device, pad, prompt_inputs, agrees,
+                                                    run_config, known_transformers_bug):
     kind = gen.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
     if reason:
@@ -83,6 +91,9 @@ def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model
     cache = kind.build(reference_model, max(other["input_ids"].shape[1], prompt_inputs["input_ids"].shape[1]) + n)
     gen.greedy(reference_model, other, label="fill", pad_token_id=pad, disable_compile=True, **{gen.cache_kwarg(): cache})
     gen.reset_cache(cache)
+    known_transformers_bug(cache_name == "dynamic" and gen.cache_length(cache) > 0,
+                           f"DynamicCache.reset() zeroes the keys/values but keeps their {gen.cache_length(cache)} "
+                           "positions, so a reused cache attends to zeros (later releases drop them)")
     reused = gen.greedy(reference_model, prompt_inputs, label=f"{cache_name} cache after reset()", pad_token_id=pad,
                         disable_compile=True, **{gen.cache_kwarg(): cache})
     fresh = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)

@@ -13,6 +13,16 @@ from harness import generation as gen
 from harness.errors import HarnessUsageError
 from harness.token_agreement import compare_runs, record_fields
 
+from harness.capabilities import older_transformers
+
+
+class KnownBug(str):
+    """An assisted run that an older transformers release cannot complete (see suites/conftest.py)."""
+
+
+def _sliding_window(model):
+    return getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+
 
 @pytest.fixture(scope="session")
 def prompt_inputs(tokenizer, run_config, device):
@@ -41,8 +51,14 @@ def assisted_runs(reference_model, prompt_inputs, pad):
         except HarnessUsageError as exc:
             runs[kind] = str(exc)  # the reason this assistant does not apply to the model
             continue
-        runs[kind] = gen.assisted_run(reference_model, assistant, prompt_inputs, pad_token_id=pad,
-                                      label=f"assisted decoding (assistant: {what})")
+        try:
+            runs[kind] = gen.assisted_run(reference_model, assistant, prompt_inputs, pad_token_id=pad,
+                                          label=f"assisted decoding (assistant: {what})")
+        except RuntimeError as exc:
+            if not (_sliding_window(reference_model) and older_transformers()):
+                raise
+            runs[kind] = KnownBug("assisted decoding of a sliding-window model crashes inside generate() "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
         del assistant
     return runs
 
@@ -59,8 +75,10 @@ def agrees(dtype_name, tolerances, tokenizer, record_result):
 
 
 @pytest.mark.parametrize("assistant_kind", ["truncated copy", "small preset"])
-def test_assisted_decoding_equals_plain_greedy(assistant_kind, assisted_runs, plain_greedy, agrees):
+def test_assisted_decoding_equals_plain_greedy(assistant_kind, assisted_runs, plain_greedy, agrees, known_transformers_bug):
     run = assisted_runs[assistant_kind]
+    if isinstance(run, KnownBug):
+        known_transformers_bug(True, run)
     if isinstance(run, str):
         pytest.skip(f"{assistant_kind} assistant: {run}")
     drafted, accepted = gen.drafted_tokens(run), run.accepted_draft_tokens
@@ -69,7 +87,10 @@ def test_assisted_decoding_equals_plain_greedy(assistant_kind, assisted_runs, pl
            drafted=drafted, accepted=accepted, target_forward_calls=run.target_forward_calls)
 
 
-def test_assistants_really_differ_from_the_target(assisted_runs, record_result):
+def test_assistants_really_differ_from_the_target(assisted_runs, record_result, known_transformers_bug):
+    bugs = [run for run in assisted_runs.values() if isinstance(run, KnownBug)]
+    if len(bugs) == len(assisted_runs):
+        known_transformers_bug(True, bugs[0])
     rejected = {kind: gen.drafted_tokens(run) - run.accepted_draft_tokens
                 for kind, run in assisted_runs.items() if not isinstance(run, str)}
     for kind, n in rejected.items():

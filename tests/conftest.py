@@ -14,5 +14,17 @@ def _preload_lazy_modules() -> None:
     import torch.distributed._functional_collectives  # noqa: F401
     import transformers.generation  # noqa: F401
 
+    # quantised loading imports bitsandbytes and transformers' integration lazily; a copy dropped
+    # after one in-process run leaves transformers holding a half-imported module
+    import importlib
+
+    for name in ("bitsandbytes", "transformers.integrations.bitsandbytes", "transformers.quantizers.auto",
+                 "transformers.quantizers.quantizer_bnb_8bit", "transformers.quantizers.quantizer_bnb_4bit",
+                 "transformers.integrations.ggml", "gguf"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # absent here: the tests that need it skip
+
 
 _preload_lazy_modules()

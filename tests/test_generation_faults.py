@@ -39,9 +39,13 @@ CASES = [
 
 
 def _run_suite(pytester, suite, model, selection, fault=None):
-    pytester.makepyfile(**{suite: (REPO / "suites" / f"{suite}.py").read_text()})
+    # another basename than the suite's own (the same process may have imported suites/ already),
+    # next to the suites' shared fixtures, which the planted fault (if any) joins
+    pytester.makepyfile(**{f"{suite}_under_test": (REPO / "suites" / f"{suite}.py").read_text()})
+    conftest = (REPO / "suites" / "conftest.py").read_text()
     if fault:
-        pytester.makeconftest(CONFTEST.format(repo=str(REPO), fault=fault))
+        conftest += "\n" + CONFTEST.format(repo=str(REPO), fault=fault)
+    pytester.makeconftest(conftest)
     return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", model,
                                         "-k", selection, "-q")
 
