@@ -52,8 +52,10 @@ case $phase in
     step niah-full 330 python3 -m pytest suites/test_long_context.py --model smollm2-135m --device cuda \
          --dtype bfloat16 --run-slow --report-dir reports/h100 -p no:cacheprovider -rfEs \
          --thresholds examples/thresholds-smollm2-135m.json
-    # the gate must fail when one attention fault is planted (exists only for this check)
-    step planted-fault 150 env HARNESS_PLANTED_FAULT=${FAULT:-attention_scale_off} python3 -m harness.gate \
+    # the gate must fail when one attention fault is planted (exists only for this check). Not
+    # attention_scale_off: in bf16 its 0.8 % scale error stays inside 8x eager's own error at model
+    # level (session 2: ratios <= 2.4); a key leaking past the causal mask is far outside it.
+    step planted-fault 150 env HARNESS_PLANTED_FAULT=${FAULT:-attention_causal_shift} python3 -m harness.gate \
          --model smollm2-135m --device cuda --dtype bfloat16 --report-dir reports/h100-fault -- \
          suites/test_attention_model.py ;;
   *) echo "unknown phase $phase"; exit 2 ;;

@@ -408,6 +408,14 @@ def reference_context():
     return _sdpa_context("MATH")
 
 
+# Known disagreement found by the attention suites (transformers 5.24, torch 2.13 CPU): Falcon with
+# ALiBi runs different code for eager and SDPA (modeling_falcon.py builds the ALiBi bias into the
+# SDPA mask but adds it to the scores in eager), and the two differ by ~20 % of a hidden value at
+# layer 1 while eager is within 4e-8 of the float64 reference. Suites record it as an expected
+# failure, only when it occurs, so the run still says so and a fix shows up as a pass.
+KNOWN_DISAGREEMENTS = {"tiny:falcon-alibi": "transformers' Falcon ALiBi SDPA path disagrees with its eager path"}
+
+
 def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, factor: float, slack: float, name: str,
                           max_reference_gap: float = 0.25):
     """(layers verdict, logits verdict) of harness.compare's k x eager rule; padding excluded.

@@ -15,7 +15,7 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention import (MODEL_ATTENTION, compare_model_outputs, model_attention, model_forward, padded_position_ids,
+from harness.attention import (KNOWN_DISAGREEMENTS, MODEL_ATTENTION, compare_model_outputs, model_attention, model_forward, padded_position_ids,
                                reference_context, upcast_reference)
 from harness.compare import compare_tensors
 
@@ -112,14 +112,6 @@ def _run(fn, backend, model_spec):
             pytest.skip(f"{backend} cannot run {model_spec.name}'s attention inputs: torch found no kernel "
                         f"({str(exc).splitlines()[0]})")
         raise
-
-
-# Known disagreement found by this suite (transformers 5.24, torch 2.13 CPU): Falcon with ALiBi runs
-# different code for eager and SDPA (modeling_falcon.py builds the ALiBi bias into the SDPA mask
-# but adds it to the scores in eager), and the two differ by ~20 % of a hidden value at layer 1
-# while eager is within 4e-8 of the float64 reference. Recorded as an expected failure, only when
-# it occurs, so the run still says so and a fix shows up as a pass.
-KNOWN_DISAGREEMENTS = {"tiny:falcon-alibi": "transformers' Falcon ALiBi SDPA path disagrees with its eager path"}
 
 
 def _assert_or_known(model_spec, passed: bool, message: str) -> None:

@@ -364,6 +364,46 @@ def test_cache_matches_no_cache_on_long_prompt(model_spec, long_context_model, l
     assert result.passed, f"{inputs['input_ids'].shape[1]}-token prompt, {long_context_attn}: {result.message}"
 
 
+LONG_ATTENTION_PROMPT = {"cpu": 1024, "cuda": None}  # None: the model's whole window
+
+
+def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_context_attn, device, dtype, tolerances,
+                                             run_config, record_result):
+    """The attention suite's rule (harness.attention.compare_model_outputs) at thousands of tokens,
+    where fused kernels split the keys into many blocks: every layer and the logits of the
+    long-context implementation against eager, both measured against the upcast reference."""
+    import torch
+
+    from harness.attention import (KNOWN_DISAGREEMENTS, compare_model_outputs, model_forward, reference_context,
+                                   upcast_reference)
+
+    if long_context_attn == "eager":
+        pytest.skip("--attn eager: the long-context implementation is the baseline itself")
+    eager = model_factory("eager")
+    window = _window(eager) or CI_LONG_PROMPT
+    length = min(window, LONG_ATTENTION_PROMPT[device.type] or window)
+    gen_ = torch.Generator().manual_seed(run_config.seed)
+    ids = torch.randint(3, eager.config.vocab_size, (1, length), generator=gen_).to(device)
+    mask = torch.ones_like(ids)
+    base = model_forward(eager, ids, mask)
+    reference = upcast_reference(eager, torch.float64 if device.type == "cpu" else torch.float32)
+    ref = model_forward(reference, ids, mask, reference_context)
+    del reference
+    out = model_forward(model_factory(long_context_attn), ids, mask)
+    layers, logits = compare_model_outputs(out, base, ref, mask, factor=tolerances.model_error_factor,
+                                           slack=tolerances.attention_abs_slack,
+                                           max_reference_gap=tolerances.reference_logit_gap,
+                                           name=f"{long_context_attn} vs eager, {length}-token prompt")
+    record_result("long prompt: attention vs eager", "error_ratio_vs_eager", round(max(layers.ratio, logits.ratio), 3),
+                  threshold=tolerances.model_error_factor, passed=layers.passed and logits.passed,
+                  where=f"{long_context_attn}/{length} tokens/{str(dtype).removeprefix('torch.')}",
+                  tightest_layer=layers.layer)
+    if not (layers.passed and logits.passed) and model_spec.name in KNOWN_DISAGREEMENTS:
+        pytest.xfail(f"{KNOWN_DISAGREEMENTS[model_spec.name]}: {layers.message}")
+    assert layers.passed, layers.message
+    assert logits.passed, logits.message
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory: a long prompt under a budget
 
