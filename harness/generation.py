@@ -43,7 +43,24 @@ PROMPTS = (
     "Give me a recipe for a simple tomato soup.",
     "What are the main differences between cats and dogs as pets?",
     "Summarise the plot of a detective novel you invent.",
+    "How does a refrigerator keep food cold?",
+    "Plan a three day trip to a city by the sea.",
+    "Explain what a prime number is and give examples.",
+    "Write a letter thanking a teacher who helped you.",
+    "What should someone pack for a week of hiking?",
+    "Describe how bread rises when it is baked.",
+    "Give advice to a student starting to learn the piano.",
+    "Explain why the sky looks blue during the day.",
+    "Write a poem about a lighthouse in a storm.",
+    "How do bees make honey?",
+    "Compare trains and planes for travelling across a country.",
+    "Describe a day in the life of a farmer in spring.",
+    "What are good habits for getting enough sleep?",
+    "Explain how a library organises its books.",
+    "Tell a fable about a fox and a crow with a moral.",
+    "How would you teach a child to ride a bicycle?",
 )
+# 24 distinct prompts: a sweep over seeds 0-23 (examples/seed-sweep.sh) never repeats one.
 
 # An input-grounded request: the answer repeats spans of the input, so prompt lookup finds hits.
 LOOKUP_SOURCE = ("def moving_average(values, window):\n"

@@ -27,7 +27,6 @@ import math
 import os
 import re
 import threading
-import time
 from dataclasses import dataclass, field
 
 from harness.config import format_bytes

@@ -97,7 +97,8 @@ def pytest_configure(config):
 
 
 def _register_hypothesis_profiles() -> None:
-    """ci (default): bounded for the 2-core CI budget; quick: the GPU gate; full: acceptance runs.
+    """ci (default): bounded for the 2-core CI budget; quick: the GPU gate; full: acceptance runs;
+    explore: seed sweeps.
     Select with HYPOTHESIS_PROFILE; suites' own @settings override per test where a search needs it."""
     import os
 
@@ -108,6 +109,8 @@ def _register_hypothesis_profiles() -> None:
     settings.register_profile("ci", max_examples=30, derandomize=True, **common)
     settings.register_profile("quick", max_examples=60, derandomize=True, **common)
     settings.register_profile("full", max_examples=400, **common)
+    # the seed sweep: ci's budget, but shapes drawn from --hypothesis-seed instead of a fixed search
+    settings.register_profile("explore", max_examples=30, derandomize=False, **common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
@@ -170,8 +173,10 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("model_spec", specs, ids=[s.name for s in specs], scope="session")
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     state = _state(config)
+    _group_items_by_model(items, state["specs"])
     on_gpu = state["device"].type == "cuda"
     run_slow = config.getoption("--run-slow")
     for item in items:
@@ -179,6 +184,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state['device']}"))
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
+
+
+def _group_items_by_model(items, specs) -> None:
+    """Every test of one model, then the next: pytest's own ordering interleaves a session-scoped
+    parameter with the other parameters (cache type x model), which reloaded the default model and
+    recomputed its session references ~10 times per run. Stable, so each model keeps the file and
+    parameter order pytest chose; tests without a model come first."""
+    position = {spec.name: i for i, spec in enumerate(specs)}
+
+    def model_index(item) -> int:
+        spec = getattr(getattr(item, "callspec", None), "params", {}).get("model_spec")
+        return -1 if spec is None else position.get(spec.name, len(position))
+
+    items.sort(key=model_index)
 
 
 def pytest_runtest_setup(item):

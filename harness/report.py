@@ -98,6 +98,8 @@ def render_markdown(summary: dict) -> str:
         lines += ["", "## Measurements", "", "| suite | check | metric | value | threshold | verdict | where |",
                   "|---|---|---|---:|---:|---|---|"]
         for r in summary["results"]:
+            if r["details"].get("section"):
+                continue  # a whole table, rendered in its own section below
             verdict = {True: "pass", False: "FAIL", None: "recorded"}[r["passed"]]
             lines.append(f"| {r['suite']} | {r['check']} | {r['metric']} | {_fmt(r['value'])} | {_fmt(r['threshold'])} | {verdict} | {r['where']} |")
     heatmaps = [r for r in summary["results"] if r["check"] == "niah heatmap"]
@@ -106,6 +108,12 @@ def render_markdown(summary: dict) -> str:
         for r in heatmaps:
             image = Path(str(r["where"])).name
             lines += [f"![needle retrieval heatmap]({image})", "", r["details"].get("table", ""), ""]
+    sections: dict[str, dict] = {}
+    for r in summary["results"]:
+        if r["details"].get("section"):
+            sections[r["details"]["section"]] = r  # re-recorded as it grows: the last one holds every row
+    for title, r in sections.items():
+        lines += ["", f"## {title}", "", r["details"].get("note", ""), "", r["details"]["table"]]
     lines += ["", "## Capability matrix", "", "| backend | category | available | detail / reason |", "|---|---|---|---|"]
     for c in summary["capabilities"]:
         lines.append(f"| {c['name']} | {c['category']} | {'yes' if c['available'] else 'no'} | {c['reason'].replace('|', '/')} |")

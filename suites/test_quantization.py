@@ -183,12 +183,18 @@ def test_greedy_generation_agrees_on_chat_prompts(scheme, quantized, quant_refer
                            f"(per prompt {lengths} of {new_tokens}); threshold >= {limit:g}")
 
 
-def test_report_table_so_far(scheme, quantized, quant_reference, ci_statistics, record_result):
+def test_report_table_so_far(scheme, quantized, quant_reference, ci_statistics, record_result, request):
     """The scheme table for the report, re-rendered after each scheme (pytest runs schemes in turn, so
     the last one recorded holds them all): whole-corpus rows under --run-slow, CI-window rows otherwise."""
     if scheme not in _table_rows:
         _table_rows[scheme] = Q.table_row(scheme, ci_statistics,
                                           quantized.get_memory_footprint() / quant_reference.get_memory_footprint())
     table = Q.markdown_table([_table_rows[name] for name in Q.SCHEMES if name in _table_rows])
-    record_result(check="table", metric="scheme x statistics (markdown)", value=table, schemes=list(_table_rows))
+    full = request.config.getoption("--run-slow")
+    record_result(check="table", metric="schemes in the quantization table", value=len(_table_rows),
+                  section="Quantization: scheme x statistics", table=table,
+                  note=(f"{quantized.config.name_or_path or 'model'} against its {str(quant_reference.dtype).removeprefix('torch.')} "
+                        f"reference over {'the whole bundled corpus in 512-token windows' if full else f'{CI_WINDOW_COUNT} windows of {CI_WINDOW} tokens'} "
+                        "(second half of each window scored, as llama.cpp does); footprint ratio: weights only, "
+                        "quantized / reference."))
     print("\n" + table)

@@ -20,6 +20,8 @@ def test_gpu_only():
 
 def test_records(record_result):
     record_result("demo", "max_abs_error", 0.125, threshold=0.5, passed=True, where="layer 3")
+    for rows in ("| a |", "| a |\\n| b |"):  # a table re-recorded as it grows: the last one is shown
+        record_result("table", "rows", rows.count("|") // 2, section="Demo table", table="| x |\\n|---|\\n" + rows)
 
 def test_fails():
     assert 1 == 2, "planted failure"
@@ -50,8 +52,8 @@ def test_model_fixtures_are_parametrized_over_every_model(run):
 def test_skips_state_the_capability_reason(run):
     result = run("--model", "tiny:llama", "-k", "cudnn or gpu")
     result.assert_outcomes(skipped=2)
-    result.stdout.fnmatch_lines(["*sdpa_cudnn unavailable: cuDNN attention needs a CUDA device*",
-                                 "*needs a CUDA device; this run is on cpu*"])
+    result.stdout.fnmatch_lines(["*sdpa_cudnn unavailable: cuDNN attention needs a CUDA device*"])
+    result.stdout.fnmatch_lines(["*needs a CUDA device; this run is on cpu*"])
 
 
 def test_report_is_written_with_results_and_reasons(run, pytester):
@@ -63,6 +65,10 @@ def test_report_is_written_with_results_and_reasons(run, pytester):
     assert report.startswith("# Inference validation report: FAIL")
     assert "planted failure" in report and "| demo | max_abs_error | 0.125 | 0.5 | pass | layer 3 |" in report
     assert "sdpa_cudnn" in report and "needs a CUDA device" in report
+    section = report.split("## Demo table", 1)[1].split("## ", 1)[0]
+    assert "| x |\n|---|\n| a |\n| b |" in section and report.count("## Demo table") == 1
+    assert "| table | rows |" not in report  # whole tables are not measurement rows
+    assert "<table>" in (latest / "report.html").read_text().split("Demo table", 1)[1]
     data = json.loads((latest / "results.json").read_text())
     assert data["suites"]["test_demo"] == {"passed": 2, "failed": 1, "skipped": 2}
     assert (latest / "junit.xml").read_text().count("<testcase") == 5
@@ -75,3 +81,35 @@ def test_each_run_gets_a_new_directory(run, pytester):
     runs = [p for p in (pytester.path / "out").iterdir() if p.is_dir() and not p.is_symlink()]
     assert len(runs) == 2
     assert not [p for p in (pytester.path / "out").rglob(".*tmp*")]
+
+
+GROUPING_SUITE = '''
+import pytest
+
+@pytest.fixture(scope="session")
+def loaded(model_spec):
+    with open("loads.txt", "a") as log:
+        log.write(model_spec.name + "\\n")
+    return model_spec.name
+
+@pytest.mark.parametrize("kind", ["a", "b", "c"])
+def test_first(loaded, kind):
+    pass
+
+def test_second(loaded):
+    pass
+
+@pytest.mark.parametrize("kind", ["d", "e"])
+def test_third(loaded, kind):
+    pass
+'''
+
+
+def test_each_model_is_set_up_once_for_all_its_tests(pytester):
+    """pytest alone interleaves models across parametrized tests (reloading the default model ~10
+    times per run, session 3); the plugin groups every test of one model together."""
+    pytester.makepyfile(test_grouping=GROUPING_SUITE)
+    result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider",
+                                          "--model", "tiny:llama,tiny:gpt2,tiny:qwen2")
+    result.assert_outcomes(passed=18)
+    assert (pytester.path / "loads.txt").read_text().split() == ["tiny:llama", "tiny:gpt2", "tiny:qwen2"]
