@@ -183,7 +183,7 @@ def test_greedy_generation_agrees_on_chat_prompts(scheme, quantized, quant_refer
                            f"(per prompt {lengths} of {new_tokens}); threshold >= {limit:g}")
 
 
-def test_report_table_so_far(scheme, quantized, quant_reference, ci_statistics, record_result, request):
+def test_report_table_so_far(model_spec, scheme, quantized, quant_reference, ci_statistics, record_result, request):
     """The scheme table for the report, re-rendered after each scheme (pytest runs schemes in turn, so
     the last one recorded holds them all): whole-corpus rows under --run-slow, CI-window rows otherwise."""
     if scheme not in _table_rows:
@@ -193,7 +193,7 @@ def test_report_table_so_far(scheme, quantized, quant_reference, ci_statistics, 
     full = request.config.getoption("--run-slow")
     record_result(check="table", metric="schemes in the quantization table", value=len(_table_rows),
                   section="Quantization: scheme x statistics", table=table,
-                  note=(f"{quantized.config.name_or_path or 'model'} against its {str(quant_reference.dtype).removeprefix('torch.')} "
+                  note=(f"{model_spec.name} against its {str(quant_reference.dtype).removeprefix('torch.')} "
                         f"reference over {'the whole bundled corpus in 512-token windows' if full else f'{CI_WINDOW_COUNT} windows of {CI_WINDOW} tokens'} "
                         "(second half of each window scored, as llama.cpp does); footprint ratio: weights only, "
                         "quantized / reference."))
