@@ -1,4 +1,13 @@
+import os
+
+from harness.config import cache_root
+
 pytest_plugins = ["pytester"]
+
+# pytester points HOME at each test's temporary directory, which moved the default cache
+# (~/.cache/llm-harness) with it: every in-process suite run converted the GGUF again (~35 s each,
+# 12+ runs). The converted model is read-only input, so the tests share the user's cache.
+os.environ.setdefault("LLM_HARNESS_CACHE", str(cache_root()))
 
 
 def _preload_lazy_modules() -> None:
