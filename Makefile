@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # CI runs everything: the harness's own tests (planted faults included) and every suite on the
-# default model and all tiny presets (9 min on an idle 2-core machine); GPU-only checks skip there.
+# default model and all tiny presets (12-14 min on an idle 2-core machine); GPU-only checks skip there.
 test: install
 	$(PY) -m pytest tests suites --model $(TEST_MODELS) -p no:cacheprovider --durations=15 $(TEST_ARGS)
 
