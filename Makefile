@@ -29,14 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # CI runs everything: the harness's own tests (planted faults included) and every suite on the
-# default model and all tiny presets (12-14 min on an idle 2-core machine); GPU-only checks skip there.
-# The CPU memory suites read the process's resident set, whose growth a long-lived process's heap
-# history can hide (CI: a KV cache measured at 0.75 late in the run, exact in a fresh process), so
-# they run first, in their own process.
-MEMORY_SUITES := suites/test_memory.py suites/test_kv_cache_memory.py
+# default model and all tiny presets; GPU-only checks skip there.
 test: install
-	$(PY) -m pytest $(MEMORY_SUITES) --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS)
-	$(PY) -m pytest tests suites $(addprefix --ignore=,$(MEMORY_SUITES)) --model $(TEST_MODELS) -p no:cacheprovider --durations=15 $(TEST_ARGS)
+	$(PY) -m pytest tests suites --model $(TEST_MODELS) -p no:cacheprovider --durations=15 $(TEST_ARGS)
 
 # The same, kept as a name for scripts written when CI ran a subset.
 test-all: test

@@ -5,13 +5,11 @@ Measurement (`measure_peak`), per device:
   device's used memory from NVML, polled every 10 ms by a thread (as optimum-benchmark does), so
   memory allocated outside PyTorch's allocator (cuBLAS workspaces, NCCL, other libraries, the CUDA
   context) counts too. The number compared with a budget is the larger of the two.
-- CPU: the process's resident set. The kernel keeps its high-water mark (VmHWM); writing "5" to
-  /proc/self/clear_refs resets it, so the peak of the block is exact, not sampled. Before the
-  block, garbage is collected and glibc is asked to return freed heap pages (malloc_trim), so
-  memory that was freed earlier but still resident is not mistaken for the block's, and automatic
-  collection is off inside the block, so garbage older than the block is not freed during it. Where the
-  high-water mark cannot be reset (non-Linux), a thread samples the resident set every 1 ms
-  and the method says so.
+- CPU: the live bytes of tensor storage the block's aten ops create, counted exactly by a
+  TorchDispatchMode with a finaliser on each new storage (`_StorageTracker`): the same code gives
+  the same peak to the byte in any process, under any load. The process's resident set (kernel
+  high-water mark, reset through /proc/self/clear_refs) is recorded beside it and decides nothing:
+  it moved with the allocator's history and the machine's load (CI failed 2 of 2 runs on it).
 Measurements nest: an inner block folds its peak into the blocks around it.
 
 Predictions: weight bytes per quantisation scheme, KV-cache bytes, and the N x N score matrices
@@ -21,19 +19,18 @@ that eager attention materialises.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import gc
 import math
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 from harness.config import format_bytes
 
 NVML_POLL_S = 0.010
-RSS_POLL_S = 0.001
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +40,9 @@ RSS_POLL_S = 0.001
 @dataclass
 class MemoryPeak:
     """What a measured block used. `start/peak/end_bytes` are the budgeted quantity: device memory
-    in use (CUDA: max of allocator reserved and NVML used) or the process's resident set (CPU)."""
+    in use (CUDA: max of allocator reserved and NVML used) or, on CPU, the process's resident set
+    at the start plus the block's exact tensor-storage peak. `torch_allocated_*` is the exact count
+    that increase/retained come from: the CUDA allocator's, or the CPU storage tracker's."""
 
     device: str
     method: str
@@ -55,6 +54,9 @@ class MemoryPeak:
     torch_allocated_end: int | None = None
     torch_reserved_peak: int | None = None
     nvml_used_peak: int | None = None
+    rss_start_bytes: int | None = None  # CPU: the process's resident set, recorded for reference only
+    rss_peak_bytes: int | None = None
+    rss_end_bytes: int | None = None
     out_of_memory: str | None = None
 
     @property
@@ -74,11 +76,13 @@ class MemoryPeak:
     def describe(self) -> str:
         parts = [f"peak {format_bytes(self.peak_bytes)}", f"at start {format_bytes(self.start_bytes)}",
                  f"increase {format_bytes(self.increase_bytes)}"]
-        if self.torch_allocated_peak is not None:
+        if self.torch_reserved_peak is not None:
             parts.append(f"torch allocated peak {format_bytes(self.torch_allocated_peak)}, "
-                         f"reserved peak {format_bytes(self.torch_reserved_peak or 0)}")
+                         f"reserved peak {format_bytes(self.torch_reserved_peak)}")
         if self.nvml_used_peak is not None:
             parts.append(f"NVML device used peak {format_bytes(self.nvml_used_peak)}")
+        if self.rss_peak_bytes is not None:
+            parts.append(f"resident set high-water {format_bytes(self.rss_peak_bytes)} (not compared)")
         return "; ".join(parts) + f" [method: {self.method}]"
 
     def to_dict(self) -> dict:
@@ -172,40 +176,136 @@ class _Meter:
 
 
 class _CpuMeter(_Meter):
+    """The block's live tensor storage, counted exactly by `_StorageTracker`; the process's resident
+    set is recorded beside it (`rss_*`), but decides nothing: it depends on the allocator's history
+    and on what else the machine does (CI: the same prefill measured 0.86 and -1.10 score matrices)."""
+
     def __init__(self):
         super().__init__()
-        self.resettable = _can_reset_hwm()
-        method = ("CPU process resident set: kernel high-water mark (VmHWM) reset via /proc/self/clear_refs"
-                  if self.resettable else f"CPU process resident set sampled every {RSS_POLL_S * 1000:g} ms (may miss short spikes)")
-        if _fix_mmap_threshold():
-            method += "; glibc mmap threshold fixed at 256 KiB"
-        self.result = MemoryPeak(device="cpu", method=method)
-        self._sampler = None
+        self.result = MemoryPeak(device="cpu", method=_StorageTracker.METHOD)
+        self._rss_resettable = _can_reset_hwm()
 
     def peaks_before_reset(self):
-        return (_proc_status("VmHWM") if self.resettable else None,)
+        return (None,)  # the tracker keeps one running count; an inner block resets nothing
 
     def start(self) -> None:
-        _release_free_memory()
-        # An automatic full collection inside the block would free garbage that predates it (an
-        # evicted model variant in a reference cycle is hundreds of MiB), hiding the block's own
-        # growth: CI saw a KV cache measured at 0.947 of its tensors late in a long session.
+        r = self.result
+        # Frees decided by the cycle collector would land inside the block at a moment that depends
+        # on the whole process's allocation history: off for the block, so the count is repeatable.
         self._gc_was_enabled = gc.isenabled()
         gc.disable()
-        if self.resettable:
+        r.rss_start_bytes = _proc_rss()
+        if self._rss_resettable:
             _reset_hwm()
-        else:
-            self._sampler = _Sampler(_proc_rss, RSS_POLL_S)
-        self.result.start_bytes = _proc_rss()
+        r.torch_allocated_start = _StorageTracker.enter(self)
+        r.torch_allocated_peak = r.torch_allocated_start
+
+    def note(self, live: int) -> None:
+        """Called by the tracker after each allocation while this block runs."""
+        if live > self.result.torch_allocated_peak:
+            self.result.torch_allocated_peak = live
 
     def stop(self) -> None:
-        peak = _proc_status("VmHWM") if self.resettable else self._sampler.stop()
+        r = self.result
+        r.torch_allocated_end = _StorageTracker.exit(self)
+        r.rss_peak_bytes = _proc_status("VmHWM") if self._rss_resettable else None
+        r.rss_end_bytes = _proc_rss()
         if self._gc_was_enabled:
             gc.enable()
-        _release_free_memory()
-        r = self.result
-        r.end_bytes = _proc_rss()
-        r.peak_bytes = max(self._max(0, peak), r.start_bytes, r.end_bytes)
+        # What a budget compares: the process as it was at the start plus the block's tensor peak.
+        r.start_bytes = r.rss_start_bytes
+        r.peak_bytes = r.rss_start_bytes + max(0, r.increase_bytes)
+        r.end_bytes = r.rss_start_bytes + r.retained_bytes
+
+
+class _StorageTracker:
+    """Exact count of CPU tensor storage created by aten ops while a CPU measurement runs.
+
+    A `TorchDispatchMode` sees every aten op the block runs (composite ops arrive decomposed, so
+    eager attention's matmul/softmax outputs are seen one by one). A returned tensor whose schema
+    says it does not alias an input is a new storage: its bytes are added to the running count and
+    a finaliser on the storage object subtracts them when it is freed (torch keeps one Python
+    object per live storage, so the finaliser runs exactly when the memory goes back). Storage
+    resized in place (out= kernels) is counted by its change in size. The count is a pure function
+    of the ops the block runs: the same code gives the same peak, to the byte, in any process and
+    under any load.
+
+    Not counted: buffers a kernel allocates and frees inside one op (oneDNN/BLAS workspaces, the
+    fused SDPA kernel's blocks), tensors made outside the dispatcher (torch.frombuffer, numpy,
+    memory-mapped checkpoint files) and work on other threads; the method string says so."""
+
+    METHOD = ("CPU: peak of live tensor storage created by aten ops in the block (TorchDispatchMode storage "
+              "tracker, exact and repeatable; kernel-internal workspaces and memory-mapped files not counted); "
+              "process resident set recorded, not compared")
+    live = 0               # bytes of tracked storages alive now (only differences are meaningful)
+    _sizes: dict = {}      # id(storage object) -> bytes counted for it
+    _meters: list = []     # CPU measurements in progress, outermost first
+    _mode = None
+
+    @classmethod
+    def enter(cls, meter) -> int:
+        if not cls._meters:
+            cls._mode = _dispatch_mode_class()(cls)
+            cls._mode.__enter__()
+        cls._meters.append(meter)
+        return cls.live
+
+    @classmethod
+    def exit(cls, meter) -> int:
+        cls._meters.remove(meter)
+        if not cls._meters:
+            mode, cls._mode = cls._mode, None
+            mode.__exit__(None, None, None)
+        return cls.live
+
+    @classmethod
+    def observe(cls, func, out) -> None:
+        import torch
+
+        outputs = out if isinstance(out, (tuple, list)) and len(func._schema.returns) > 1 else (out,)
+        for ret, value in zip(func._schema.returns, outputs):
+            fresh = ret.alias_info is None
+            for tensor in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu" and tensor.layout == torch.strided:
+                    cls._count(tensor.untyped_storage(), fresh)
+
+    @classmethod
+    def _count(cls, storage, fresh: bool) -> None:
+        key, size = id(storage), storage.nbytes()
+        known = cls._sizes.get(key)
+        if known is None:
+            if not fresh:
+                return  # a view of, or a write into, storage made before the measurement
+            weakref.finalize(storage, cls._free, key)
+            known = 0
+        elif known == size:
+            return
+        cls._sizes[key] = size
+        cls.live += size - known
+        if size > known:
+            for meter in cls._meters:
+                meter.note(cls.live)
+
+    @classmethod
+    def _free(cls, key) -> None:
+        cls.live -= cls._sizes.pop(key, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _dispatch_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _TrackingMode(TorchDispatchMode):
+        def __init__(self, tracker):
+            super().__init__()
+            self.tracker = tracker
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.tracker.observe(func, out)
+            return out
+
+    return _TrackingMode
 
 
 class _CudaMeter(_Meter):
@@ -305,34 +405,6 @@ def _reset_hwm() -> None:
         f.write("5")
 
 
-_M_MMAP_THRESHOLD = -3
-_MMAP_FIXED = []
-
-
-def _fix_mmap_threshold() -> bool:
-    """Serve allocations >= 256 KiB with their own mmap, returned to the system on free.
-
-    glibc otherwise raises its mmap threshold after the first large free, after which big tensors
-    come from the heap, whose freed chunks stay resident and fragment: peaks then depend on what
-    ran before (measured: 40 vs 73 MiB for the same prefill). Set once per process."""
-    if not _MMAP_FIXED:
-        try:
-            _MMAP_FIXED.append(bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 256 * 1024)))
-        except (OSError, AttributeError):
-            _MMAP_FIXED.append(False)
-    return _MMAP_FIXED[0]
-
-
-def _release_free_memory(full: bool = False) -> None:
-    # A full collection costs ~0.3 s in a process holding transformers; the young generations
-    # hold the garbage a measured block leaves behind, for a few microseconds.
-    gc.collect() if full else gc.collect(1)
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: freed pages may stay resident, which only overstates the start
-
-
 def _nvml_handle(device):
     try:
         import pynvml
@@ -354,6 +426,20 @@ def _nvml_used(handle) -> int:
     return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
+MODEL_STORAGE_METHOD = ("unique storage bytes of the model's parameters and buffers (checkpoints are memory-mapped "
+                        "on CPU, so no allocation counter sees them)")
+
+
+def model_storage_bytes(model) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers: tied weights count
+    once, a dtype or layout other than the one predicted shows in full."""
+    storages = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        storage = tensor.untyped_storage()
+        storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
+
+
 def release_device_memory(device) -> None:
     """Drop garbage and return cached blocks, so the next measurement starts from live memory."""
     import torch
@@ -361,8 +447,6 @@ def release_device_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    else:
-        _release_free_memory(full=False)
 
 
 # ---------------------------------------------------------------------------------------------
