@@ -28,6 +28,9 @@ FAULT_DESCRIPTIONS = {
     "attention_gqa_wrong_order": "GQA key/value heads tiled (kv0,kv1,kv0,kv1) instead of interleaved (kv0,kv0,kv1,kv1)",
     "attention_window_too_wide": "sliding window admits one key more than it should",
     "attention_fp16_accumulation": "scores, softmax and weighted sum computed in float16 instead of float32",
+    "attention_scale_off_1pct": "softmax scale 1 % too large (the model's scaling x 1.01)",
+    "attention_decode_drops_first_key": "cached decode (one query) ignores the first cached key",
+    "attention_probs_rounded_bf16": "float32 path: attention probabilities rounded to bfloat16 before the weighted sum",
 }
 
 
@@ -125,6 +128,40 @@ def fp16_accumulation_forward(module, query, key, value, attention_mask, scaling
     return _transformers_attention(query, key, value, keep, _scale(query, scaling), compute_dtype=torch.float16)
 
 
+def scale_off_1pct_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=_scale(query, scaling) * 1.01,
+                                  dropout=dropout, is_causal=is_causal, **kwargs)
+
+
+def decode_drops_first_key_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                                   **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] == 1 and key.shape[2] > 1:
+        key, value = key[:, :, 1:], value[:, :, 1:]
+        attention_mask = None if attention_mask is None else attention_mask[..., 1:]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  is_causal=is_causal, **kwargs)
+
+
+def probs_rounded_bf16_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                               **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.dtype != torch.float32:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      is_causal=is_causal, **kwargs)
+    keep = _keep_mask(query, key, attention_mask, _is_causal(module, is_causal))
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * _scale(query, scaling)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num()
+    out = torch.matmul(probs.to(torch.bfloat16).to(torch.float32), value)  # the fault: probabilities lose 16 bits
+    return out.transpose(1, 2).contiguous(), None
+
+
 ATTENTION_FAULTS = {
     "attention_scale_off": scale_off_forward,
     "attention_causal_shift": causal_shift_forward,
@@ -132,6 +169,9 @@ ATTENTION_FAULTS = {
     "attention_gqa_wrong_order": gqa_wrong_order_forward,
     "attention_window_too_wide": window_too_wide_forward,
     "attention_fp16_accumulation": fp16_accumulation_forward,
+    "attention_scale_off_1pct": scale_off_1pct_forward,
+    "attention_decode_drops_first_key": decode_drops_first_key_forward,
+    "attention_probs_rounded_bf16": probs_rounded_bf16_forward,
 }
 
 

@@ -79,7 +79,13 @@ MODEL_FOR_FAULT = {  # the preset whose architecture exposes the fault
     "attention_gqa_wrong_order": ("tiny:llama", "single"),
     "attention_window_too_wide": ("tiny:mistral", "past_window"),
     "attention_fp16_accumulation": ("tiny:llama", "single"),
+    "attention_scale_off_1pct": ("tiny:llama", "single"),
+    "attention_probs_rounded_bf16": ("tiny:llama", "single"),
+    # attention_decode_drops_first_key changes cached decode only: tests/test_attention_dispatch_faults.py
 }
+# Hidden state 1 is the first attention output; a 1 % scale error on tiny:llama's small first-layer
+# scores stays within 8 x eager + slack there and first shows in hidden state 2 (ratio 428).
+FIRST_DIVERGING_LAYER = {"attention_scale_off_1pct": 2}
 
 
 def _inputs(scenario, vocab=49152, pad=2):
@@ -100,7 +106,7 @@ def planted():
     deactivate_planted_faults()
 
 
-@pytest.mark.parametrize("fault", sorted(ATTENTION_FAULTS))
+@pytest.mark.parametrize("fault", sorted(MODEL_FOR_FAULT))
 def test_model_check_names_first_diverging_layer(fault, planted):
     preset, scenario = MODEL_FOR_FAULT[fault]
     spec = resolve_model(preset)[0]
@@ -121,7 +127,8 @@ def test_model_check_names_first_diverging_layer(fault, planted):
                                            factor=TOL.model_error_factor, slack=TOL.attention_abs_slack,
                                            name=f"sdpa with {fault}")
     assert not layers.passed and not logits.passed
-    assert layers.message.startswith("first diverging layer 1:"), layers.message  # layer 1 = first attention output
+    expected = FIRST_DIVERGING_LAYER.get(fault, 1)
+    assert layers.message.startswith(f"first diverging layer {expected}:"), layers.message
     assert "EXCEEDS" in layers.message and "token=" in layers.message
     print(f"{fault} ({FAULT_DESCRIPTIONS[fault]}): {layers.message}")
 
