@@ -83,8 +83,12 @@ def pytest_configure(config):
         raise pytest.UsageError(str(exc)) from None
     _register_hypothesis_profiles()
     _activate_planted_fault_from_env()
+    from harness.compile_cache import enable_persistent_compile_caches
+    from harness.config import cache_root
+
+    compile_caches = enable_persistent_compile_caches(cache_root(), device)
     state = {"run": run, "specs": specs, "device": device, "dtype": dtype, "tolerances": tolerances,
-             "records": [], "outcomes": [], "started": time.time(), "run_dir": None}
+             "records": [], "outcomes": [], "started": time.time(), "run_dir": None, "compile_caches": compile_caches}
     config.stash[_STATE_KEY] = state
     config.pluginmanager.register(_OutcomeRecorder(state["outcomes"]), "harness-outcomes")
     if run.report_dir and not hasattr(config, "workerinput"):
@@ -427,11 +431,22 @@ def pytest_sessionfinish(session, exitstatus):
     state = session.config.stash.get(_STATE_KEY, None)
     if state is None:
         return
+    _record_compile_cache_use(state)
     if state["run_dir"] is not None:
         from harness.report import write_report
 
         state["benchmarks"] = _benchmark_document(session.config)
         write_report(state["run_dir"], state, _capabilities(session.config), exitstatus=int(exitstatus))
+
+
+def _record_compile_cache_use(state) -> None:
+    from harness.compile_cache import cache_use
+
+    use = cache_use()
+    if use and any(use.values()):
+        state["records"].append(Result(
+            suite="harness", check="compile caches", metric="FX-graph cache hits", value=use["fxgraph_cache_hit"],
+            where="inductor", details={**use, **state["compile_caches"]}))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

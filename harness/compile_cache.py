@@ -1,0 +1,54 @@
+"""Persistent compile caches, so a second gate run on the same runner pays no compile.
+
+torch.compile's inductor keeps compiled FX graphs and autotuning results in a cache directory, and
+Triton its compiled kernels; by default both live under /tmp and are keyed by nothing the harness
+controls. The harness points them at its own cache directory (`harness.config.cache_root()`),
+one folder per torch version, transformers version and device, so a runner keeps them between
+runs and a library or driver upgrade starts clean. A variable the user already set is kept.
+
+`cache_use()` reads inductor's own counters at the end of a run: hits and misses of the FX-graph
+cache, which the report shows (a warm run should have hits and no misses).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+
+def cache_key(device) -> str:
+    import torch
+    import transformers
+
+    name = "cpu"
+    if getattr(device, "type", str(device)) == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        name = f"{props.name}-sm{props.major}{props.minor}"
+    text = f"torch{torch.__version__}-transformers{transformers.__version__}-{name}"
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def enable_persistent_compile_caches(root: Path, device) -> dict[str, str]:
+    """Set the cache variables (those not already set) to folders under ``root``; returns what
+    each variable points at now."""
+    base = Path(root) / "compile" / cache_key(device)
+    for variable, folder in zip(CACHE_VARIABLES, ("inductor", "triton")):
+        if not os.environ.get(variable):
+            path = base / folder
+            path.mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(path)
+    return {variable: os.environ[variable] for variable in CACHE_VARIABLES}
+
+
+def cache_use() -> dict[str, int]:
+    """Inductor's FX-graph cache hits and misses in this process so far (0 when nothing compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    inductor = counters.get("inductor", {})
+    return {"fxgraph_cache_hit": int(inductor.get("fxgraph_cache_hit", 0)),
+            "fxgraph_cache_miss": int(inductor.get("fxgraph_cache_miss", 0))}
