@@ -353,14 +353,17 @@ def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def model_forward(model, input_ids, attention_mask, context=None):
-    """One no-grad forward with every layer's hidden states, inside ``context`` (e.g. sdpa_kernel)."""
+def model_forward(model, input_ids, attention_mask, context=None, use_cache=None):
+    """One no-grad forward with every layer's hidden states, inside ``context`` (e.g. sdpa_kernel).
+    ``use_cache=False`` keeps no KV cache in the outputs (long prompts: it is as big as the keys
+    and values of every layer); None leaves the model's default."""
+    kwargs = {} if use_cache is None else {"use_cache": use_cache}
     with torch.no_grad(), (context or contextlib.nullcontext)():
         return model(input_ids=input_ids, attention_mask=attention_mask,
-                     position_ids=padded_position_ids(attention_mask), output_hidden_states=True)
+                     position_ids=padded_position_ids(attention_mask), output_hidden_states=True, **kwargs)
 
 
-def upcast_reference(model, dtype=torch.float64):
+def upcast_reference(model, dtype=torch.float64, device=None, layers_device=None):
     """The same weights in a wider dtype: the truth the k x eager rule measures against.
 
     Loading the model again in float64 is not the same thing for random-weight presets (their
@@ -374,15 +377,20 @@ def upcast_reference(model, dtype=torch.float64):
     "sdpa" is the name a planted fault (or a user's override) replaces. Falcon does not dispatch
     through transformers' registry, so it keeps its SDPA path run with the math kernel
     (``reference_context()``), which gives fully masked rows 0 as well.
-    """
-    import copy
 
+    The copy is made tensor by tensor straight into ``dtype`` (no second copy in the model's
+    dtype), on ``device`` (default: the model's), decoder layers on ``layers_device`` (default:
+    ``device``; harness.reference_sizing streams them from there). How big a reference a device
+    can take, and which placement to use, is harness.reference_sizing's business.
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    from harness.reference_sizing import upcast_copy
+
     AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention_forward)
     AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)  # bool masks (True = attend) or None
-    reference = copy.deepcopy(model).to(dtype)
+    reference = upcast_copy(model, dtype, device=device, layers_device=layers_device).to(dtype)
     reference.set_attn_implementation("sdpa" if reference.config.model_type == "falcon" else REFERENCE_ATTENTION)
     return reference
 
@@ -414,6 +422,19 @@ def reference_context():
 # layer 1 while eager is within 4e-8 of the float64 reference. Suites record it as an expected
 # failure, only when it occurs, so the run still says so and a fix shows up as a pass.
 KNOWN_DISAGREEMENTS = {"tiny:falcon-alibi": "transformers' Falcon ALiBi SDPA path disagrees with its eager path"}
+
+
+def error_over_allowed(*verdicts) -> float:
+    """The quantity harness.compare's k x eager rule decides on, for result rows: the largest
+    error / allowed error (allowed = k x eager's error + slack) of ``verdicts``; every verdict
+    passes exactly when this is <= 1. (Verdict.ratio, error / eager's error, is not decisive: the
+    slack lets a near-exact eager be far exceeded in ratio by an error still within rounding.)"""
+    def one(v):
+        if v.allowed:
+            return v.error / v.allowed
+        return 0.0 if v.error == 0 else float("inf")
+
+    return max(one(v) for v in verdicts)
 
 
 def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, factor: float, slack: float, name: str,

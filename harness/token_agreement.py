@@ -47,6 +47,13 @@ class TokenAgreement:
     message: str
     compared_steps: int = 0
     max_logit_error: float = 0.0
+    # the limits the verdict was decided against (for the result row), and for a token mismatch
+    # at a near-tie the worst rank of each run's token in the other run's scores
+    logit_limit: float | None = None
+    margin_limit: float | None = None
+    topk: int | None = None
+    rank: int | None = None
+    lengths: tuple[int, int] | None = None  # (reference, candidate) tokens, for a length mismatch
 
     @property
     def passed(self) -> bool:
@@ -60,6 +67,12 @@ def _top2_margin(row) -> float:
 
 def _in_topk(row, token: int, k: int) -> bool:
     return token in row.float().topk(k).indices.tolist()
+
+
+def _rank(row, token: int) -> int:
+    """1 + how many entries of ``row`` score above ``token``."""
+    row = row.float()
+    return int((row > row[token]).sum()) + 1
 
 
 def relative_logit_error(reference_row, candidate_row) -> float:
@@ -81,10 +94,11 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
     if len(ref) != len(cand):
         return TokenAgreement(LENGTH_MISMATCH, min(len(ref), len(cand)), None, None,
                               f"{who}: {len(cand)} tokens generated, reference has {len(ref)} "
-                              "(both were forced to the same length)")
+                              "(both were forced to the same length)", lengths=(len(ref), len(cand)))
     margin_limit = tolerances.token_margin(dtype_name)
     logit_limit = tolerances.generation_logit_rel(dtype_name)
     k = tolerances.token_topk
+    limits = dict(logit_limit=logit_limit, margin_limit=margin_limit, topk=k)
     worst = 0.0
     for step, (r, c) in enumerate(zip(ref, cand)):
         error = relative_logit_error(reference_logits[step], candidate_logits[step])
@@ -94,7 +108,7 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
                                   f"{who}: logits at step {step} differ by {error:.3g} relative to the reference's "
                                   f"largest logit (allowed {logit_limit:g} for {dtype_name}); tokens "
                                   f"{'equal' if r == c else f'{show(r)} vs {show(c)}'} there, "
-                                  f"equal before", step + 1, worst)
+                                  f"equal before", step + 1, worst, **limits)
         if r == c:
             continue
         margin = _top2_margin(reference_scores[step])
@@ -104,15 +118,19 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
             return TokenAgreement(NEAR_TIE, step, (r, c), margin,
                                   f"{who}: equal up to step {step}, then a near-tie (reference top-2 margin "
                                   f"{margin:.3g} < {margin_limit:g} for {dtype_name}): reference {show(r)}, "
-                                  f"{candidate_label} {show(c)}; comparison stopped there", step + 1, worst)
+                                  f"{candidate_label} {show(c)}; comparison stopped there", step + 1, worst, **limits)
         why = (f"reference top-2 margin {margin:.3g} >= {margin_limit:g} for {dtype_name}, not a near-tie"
                if not near_tie else f"a near-tie (margin {margin:.3g}) but the tokens are not in each other's top-{k}")
+        rank = max(_rank(reference_scores[step], c), _rank(candidate_scores[step], r))
+        if near_tie and rank <= k:  # a tie at the k-th place that topk left out: decided by topk
+            rank = k + 1
         return TokenAgreement(TOKEN_MISMATCH, step, (r, c), margin,
                               f"{who}: token differs at step {step}: reference {show(r)}, {candidate_label} "
-                              f"{show(c)} ({why}; logit error there {error:.3g})", step + 1, worst)
+                              f"{show(c)} ({why}; logit error there {error:.3g})", step + 1, worst, **limits,
+                              rank=rank)
     return TokenAgreement(IDENTICAL, None, None, None,
                           f"{who}: all {len(ref)} tokens equal, logits within {worst:.3g} relative "
-                          f"(allowed {logit_limit:g} for {dtype_name})", len(ref), worst)
+                          f"(allowed {logit_limit:g} for {dtype_name})", len(ref), worst, **limits)
 
 
 def compare_runs(reference, candidate, *, dtype_name: str, tolerances,
@@ -125,9 +143,25 @@ def compare_runs(reference, candidate, *, dtype_name: str, tolerances,
 
 
 def record_fields(agreement: TokenAgreement) -> dict:
-    """The agreement as keyword arguments for the plugin's record_result(check=..., ...)."""
+    """The agreement as keyword arguments for the plugin's record_result(check=..., ...), with the
+    quantity that decided the verdict as metric/value/threshold: the relative logit error against
+    its limit, or, where the tokens differ, the reference's top-2 margin against the near-tie limit
+    (not a near-tie) or the tokens' worst rank in each other's scores against top-k (a near-tie
+    whose tokens are not in each other's top-k), or the generated length."""
     where = "all steps" if agreement.step is None else f"step {agreement.step}"
-    return dict(metric="max relative logit error", value=round(agreement.max_logit_error, 8),
-                passed=agreement.passed, where=where, verdict=agreement.verdict,
+    decided = dict(metric="max relative logit error", value=round(agreement.max_logit_error, 8),
+                   threshold=agreement.logit_limit)
+    if agreement.verdict == LENGTH_MISMATCH:
+        decided = dict(metric="generated tokens", value=agreement.lengths[1],
+                       threshold=f"== {agreement.lengths[0]} (the reference's)")
+    elif agreement.verdict == TOKEN_MISMATCH and agreement.margin is not None:
+        if agreement.margin >= agreement.margin_limit:
+            decided = dict(metric="reference top-2 margin where the tokens differ", value=agreement.margin,
+                           threshold=f"< {agreement.margin_limit:g} (a near-tie)")
+        else:
+            decided = dict(metric="worst rank of each token in the other run's scores", value=agreement.rank,
+                           threshold=f"<= {agreement.topk} (top-k)")
+    return dict(**decided, passed=agreement.passed, where=where, verdict=agreement.verdict,
                 tokens=list(agreement.tokens) if agreement.tokens else None, margin=agreement.margin,
+                max_logit_error=round(agreement.max_logit_error, 8), logit_limit=agreement.logit_limit,
                 message=agreement.message)

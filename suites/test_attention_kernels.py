@@ -19,7 +19,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, reject, settings
 
-from harness.attention import KERNELS, AttentionCase, attention_cases, check_attention_kernel, eager_attention
+from harness.attention import (KERNELS, AttentionCase, attention_cases, check_attention_kernel, eager_attention,
+                               error_over_allowed)
 
 FUSED_KERNELS = [name for name in KERNELS if name != "eager"]
 
@@ -95,11 +96,14 @@ def error_ratios(record_result, request, tolerances):
         return
     params = request.node.callspec.params
     where = f"{params['name']}/{str(params.get('half', 'float32')).removeprefix('torch.')}/{request.node.originalname.rsplit('_', 1)[-1]}"
-    record_result("attention_kernel", "max_error_ratio_vs_eager", round(max(measured), 3) if measured else 0.0,
-                  threshold=tolerances.attention_error_factor, passed=all(v.passed for v in verdicts), where=where,
-                  examples=len(verdicts), refused_by_kernel=refused, median_ratio=round(statistics.median(measured), 3) if measured else 0.0,
-                  max_error=max(v.error for v in verdicts),
-                  max_error_over_allowed=round(max(v.error / v.allowed for v in verdicts), 4))
+    # the row shows what decides it: the largest error / allowed error (allowed = k x eager's error
+    # + slack); the error ratio to eager alone can exceed k where the slack covers a near-exact eager
+    record_result("attention_kernel", "max error / allowed error", error_over_allowed(*verdicts), threshold=1.0,
+                  passed=all(v.passed for v in verdicts), where=where,
+                  rule=f"error <= {tolerances.attention_error_factor:g} x eager error + slack", examples=len(verdicts),
+                  refused_by_kernel=refused, max_error=max(v.error for v in verdicts),
+                  ratio_vs_eager=round(max(measured), 3) if measured else 0.0,
+                  median_ratio=round(statistics.median(measured), 3) if measured else 0.0)
 
 
 # a function-scoped fixture (error_ratios) shared by all examples of one test is what we want here
