@@ -433,9 +433,10 @@ def pytest_sessionfinish(session, exitstatus):
         return
     _record_compile_cache_use(state)
     if state["run_dir"] is not None:
-        from harness.report import write_report
+        from harness.report import failure_texts, write_report
 
         state["benchmarks"] = _benchmark_document(session.config)
+        state["failure_texts"] = failure_texts(session.config)  # whole messages and tracebacks, folded in the report
         write_report(state["run_dir"], state, _capabilities(session.config), exitstatus=int(exitstatus))
 
 

@@ -1,276 +1,283 @@
-"""report.html: the same content as report.md, plus plots, in one self-contained file.
+"""report.html: the report view (harness.report_view) with its plots, in one self-contained file.
 
-The Markdown report is converted (tables, lists, headings, code spans), so the two never drift
-apart; plots are drawn with matplotlib's Agg canvas (no display, no global backend switch) and
-embedded as base64 PNGs, so the file can be mailed or attached to a CI run on its own.
-
-Plots, from the run's data:
-- peak memory vs sequence length per attention implementation (results of memory.SCALING_CHECK);
-- decode tokens/s vs batch size (benchmarks with extra_info kind == "decode");
-- latency distribution: per-token decode latencies of each decode benchmark, or the per-round
-  times of every benchmark when no decode benchmark ran.
+Rendered from harness/templates/report.html.j2 with autoescape, so whatever a test recorded is
+text, never markup. Plots are drawn with matplotlib's Agg canvas (no display, no global backend
+switch) and embedded as base64 PNGs, so the file can be mailed or attached to a CI run on its own;
+each sits beside the table it draws:
+- prefill peak memory vs prompt length per attention implementation (the memory table);
+- decode tokens/s vs batch for configurations measured at several batch sizes, and tokens/s per
+  configuration at batch 1 (bars: single-batch configurations do not stack on one x position);
+- the latency distribution per configuration (per-token decode latencies; per-round times when no
+  decode benchmark ran), labelled and ordered by configuration;
+- the needle-in-a-haystack heatmap (the PNG the suite wrote, else drawn from the cells).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
-import re
-from collections import defaultdict
+import math
+import warnings
+from collections import OrderedDict, defaultdict
 from pathlib import Path
 
-from harness.memory import SCALING_CHECK
+import jinja2
 
-_STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#1b1b1b}
-table{border-collapse:collapse;margin:1em 0;font-size:0.9em}th,td{border:1px solid #ccc;padding:0.25em 0.6em}
-th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
-code{background:#f3f3f3;padding:0 0.2em}h1{font-size:1.6em}figure{margin:1.5em 0}img{max-width:100%}
-.fail{color:#b00020;font-weight:bold}.pass{color:#0a7a0a}
-"""
+from harness.report_text import BYTE_UNITS, byte_unit, is_number
+from harness.report_view import ReportView, config_key, config_label
 
-
-# ---------------------------------------------------------------------------------------------
-# Benchmarks as Markdown (appended to report.md; converted like the rest)
-
-_EXTRA_COLUMNS = (("ttft_s", "TTFT ms", 1e3), ("tpot_s", "TPOT ms", 1e3), ("prefill_tokens_per_s", "prefill tok/s", 1),
-                  ("decode_tokens_per_s", "decode tok/s", 1), ("mbu", "MBU", 1), ("mfu", "MFU", 1))
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+_MAX_ROWS_PLOTTED = 40  # configurations per bar or box plot (the tables list every one)
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+            "#bcbd22"]
 
 
-def benchmarks_markdown(document: dict | None) -> str:
-    """A '## Benchmarks' section from pytest-benchmark's JSON document ('' when none ran)."""
-    benches = (document or {}).get("benchmarks") or []
-    if not benches:
-        return ""
-    lines = ["", "## Benchmarks", "",
-             "Times are pytest-benchmark statistics of the device-synchronised timer; MBU is bytes a decode step must "
-             "move / time / measured copy bandwidth, MFU is prefill FLOPs / time / measured matmul peak "
-             "(`benchmarks.json` holds every round).", "",
-             "| benchmark | median ms | IQR ms | rounds | " + " | ".join(c[1] for c in _EXTRA_COLUMNS) + " |",
-             "|---|---:|---:|---:|" + "---:|" * len(_EXTRA_COLUMNS)]
-    for b in benches:
-        stats, extra = b.get("stats", {}), b.get("extra_info", {})
-        cells = [f"`{b.get('name', b.get('fullname', '?'))}`", _num(stats.get("median"), 1e3), _num(stats.get("iqr"), 1e3),
-                 str(stats.get("rounds", ""))]
-        cells += [_num(extra.get(key), scale) for key, _, scale in _EXTRA_COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def environment(autoescape: bool, **kwargs) -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), autoescape=autoescape,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                              undefined=jinja2.StrictUndefined, **kwargs)
 
 
-def _num(value, scale=1.0) -> str:
-    if not isinstance(value, (int, float)):
-        return ""
-    v = value * scale
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Markdown subset -> HTML
-
-
-def markdown_to_html(text: str) -> str:
-    """Headings, '-' lists, pipe tables, paragraphs, `code` and **bold**: what report.md uses."""
-    out: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if not line.strip():
-            i += 1
-        elif m := re.match(r"^(#{1,6})\s+(.*)$", line):
-            level = len(m.group(1))
-            out.append(f"<h{level}>{_inline(m.group(2))}</h{level}>")
-            i += 1
-        elif line.startswith("|"):
-            block = []
-            while i < len(lines) and lines[i].startswith("|"):
-                block.append(lines[i])
-                i += 1
-            out.append(_table(block))
-        elif line.startswith("- "):
-            out.append("<ul>")
-            while i < len(lines) and lines[i].startswith("- "):
-                out.append(f"<li>{_inline(lines[i][2:])}</li>")
-                i += 1
-            out.append("</ul>")
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not lines[i].startswith(("#", "|", "- ")):
-                para.append(lines[i])
-                i += 1
-            out.append(f"<p>{_inline(' '.join(para))}</p>")
-    return "\n".join(out)
-
-
-def _cells(row: str) -> list[str]:
-    return [c.strip() for c in row.strip().strip("|").split("|")]
-
-
-def _table(rows: list[str]) -> str:
-    header = _cells(rows[0])
-    body = rows[1:]
-    align = ["left"] * len(header)
-    if body and set(body[0].replace("|", "").strip()) <= set("-: "):
-        align = ["right" if c.endswith(":") else "left" for c in _cells(body[0])]
-        body = body[1:]
-    parts = ["<table><thead><tr>" + "".join(f"<th>{_inline(h)}</th>" for h in header) + "</tr></thead><tbody>"]
-    for row in body:
-        cells = _cells(row)
-        aligns = align + ["left"] * (len(cells) - len(align))
-        parts.append("<tr>" + "".join(f"<td{_cell_class(c, a)}>{_inline(c)}</td>" for c, a in zip(cells, aligns)) + "</tr>")
-    parts.append("</tbody></table>")
-    return "".join(parts)
-
-
-def _cell_class(cell: str, align: str) -> str:
-    classes = (["num"] if align == "right" else []) + (["fail"] if cell == "FAIL" else ["pass"] if cell == "pass" else [])
-    return f' class="{" ".join(classes)}"' if classes else ""
-
-
-def _inline(text: str) -> str:
-    pieces = re.split(r"(`[^`]*`)", text)
-    out = []
-    for piece in pieces:
-        if piece.startswith("`") and piece.endswith("`") and len(piece) >= 2:
-            out.append(f"<code>{html.escape(piece[1:-1])}</code>")
-        else:
-            escaped = html.escape(piece)
-            out.append(re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped))
-    return "".join(out)
+def summary_of(section) -> str:
+    """The summary line of a collapsed section: what is inside, in numbers."""
+    if section.folds:
+        names = ", ".join(f.summary for f in section.folds[:6]) + (" …" if len(section.folds) > 6 else "")
+        return f"{len(section.folds)} table{'s' * (len(section.folds) != 1)}: {names}"
+    rows = sum(len(t.rows) + t.omitted for t in section.tables)
+    return f"{rows} row{'s' * (rows != 1)}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 
 
-def _figure():
+def _figure(width: float = 7.0, height: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.2), dpi=110)
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(111)
+    return fig
 
 
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight", pad_inches=0.08)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def plot_memory_vs_length(results: list[dict]) -> str | None:
-    series: dict[tuple, list] = defaultdict(list)
-    for r in results:
-        if r.get("check") != SCALING_CHECK:
-            continue
-        d = r.get("details", {})
-        if "seq_len" in d:
-            series[(d.get("model", ""), d.get("attn", r.get("where", "")))].append(
-                (d["seq_len"], d.get("increase_bytes"), bool(d.get("out_of_memory"))))
-    if not series:
-        return None
-    fig, ax = _figure()
-    for (model, attn), points in sorted(series.items()):
-        points.sort()
-        fits = [(n, b / 2**20) for n, b, oom in points if not oom and b is not None and b > 0]
-        if fits:
-            line, = ax.plot(*zip(*fits), marker="o", label=f"{attn} ({model})")
-            ooms = [n for n, _, oom in points if oom]
-            if ooms:
-                top = max(b for _, b in fits)
-                ax.scatter(ooms, [top * 1.5] * len(ooms), marker="x", s=80, color=line.get_color(),
-                           label=f"{attn} out of memory")
+def _powers_of_two_axis(ax, values) -> None:
+    """A log2 x axis ticked at exactly the measured values, labelled as plain integers."""
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+
+    ticks = sorted({v for v in values if is_number(v) and v > 0})
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(ticks, [f"{int(t):,}" if float(t).is_integer() else f"{t:g}" for t in ticks],
+                  rotation=45 if len(ticks) > 6 else 0)
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
+
+
+def plot_memory(points: list[dict]) -> str | None:
+    series: dict[tuple, list] = defaultdict(list)
+    for p in points:
+        series[(p["model"], p["attn"])].append(p)
+    unit = byte_unit(p["bytes"] for p in points if not p["oom"])
+    scale = BYTE_UNITS[unit]
+    fits_all = [p["bytes"] / scale for p in points if not p["oom"] and is_number(p["bytes"]) and p["bytes"] > 0]
+    if not fits_all:
+        return None
+    top = max(fits_all) * 2
+    several = len({m for m, _ in series}) > 1
+    fig = _figure(5.0, 3.4)
+    ax = fig.add_subplot(111)
+    for i, ((model, attn), pts) in enumerate(sorted(series.items(), key=lambda kv: (kv[0][1] != "eager", kv[0]))):
+        pts.sort(key=lambda p: p["seq_len"])
+        color = _PALETTE[i % len(_PALETTE)]
+        label = f"{attn} ({model})" if several else attn
+        fits = [(p["seq_len"], p["bytes"] / scale) for p in pts
+                if not p["oom"] and is_number(p["bytes"]) and p["bytes"] > 0]
+        if fits:
+            ax.plot(*zip(*fits), marker="o", color=color, label=label)
+        ooms = [p["seq_len"] for p in pts if p["oom"]]
+        if ooms:
+            ax.scatter(ooms, [top] * len(ooms), marker="x", s=90, color=color, label=f"{label}: out of memory")
+    _powers_of_two_axis(ax, [p["seq_len"] for p in points])
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("prefill peak memory increase (MiB)")
-    ax.set_title("Peak memory vs sequence length")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel(f"prefill peak increase ({unit})")
+    ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
     return _png(fig)
 
 
-_VARIANT_KEYS = ("model", "attn", "dtype", "cache", "quantization")
+def _benchmark_function(row: dict) -> str:
+    """'test_decode_dtype[m-float16]' -> 'dtype' (the benchmark, without its parameters and kind)."""
+    name = str(row.get("name") or "").split("[")[0].removeprefix("test_")
+    return name.removeprefix(f"{row.get('kind')}_")
 
 
-def plot_tokens_per_second_vs_batch(benches: list[dict]) -> str | None:
-    series: dict[tuple, list] = defaultdict(list)
-    for b in benches:
-        extra = b.get("extra_info", {})
-        if extra.get("kind") == "decode" and "batch" in extra and "decode_tokens_per_s" in extra:
-            series[tuple(extra.get(k, "") for k in _VARIANT_KEYS)].append((extra["batch"], extra["decode_tokens_per_s"]))
-    series = {k: v for k, v in series.items() if v}
+_SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def _labels(rows: list[dict], *, with_batch: bool = True) -> list[str]:
+    """Plot labels of configurations: short dtypes; the benchmark's name added where two rows
+    would otherwise read the same."""
+    several = _several_models(rows)
+    plain = []
+    for r in rows:
+        short = {**r, "dtype": _SHORT_DTYPES.get(str(r.get("dtype")), r.get("dtype"))}
+        plain.append(config_label(short, with_batch=with_batch, with_model=several))
+    counts = {label: plain.count(label) for label in plain}
+    return [label + (f" ({_benchmark_function(r)})" if counts[label] > 1 else "") for label, r in zip(plain, rows)]
+
+
+def _plain_log_axis(axis) -> None:
+    """Log-scale tick labels as plain numbers (1, 10, 100, 1,000), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot_throughput_vs_batch(rows: list[dict]) -> str | None:
+    """Lines for configurations one benchmark measured at two or more batch sizes (None when none)."""
+    series: dict[tuple, list] = OrderedDict()
+    for r in sorted(rows, key=config_key):
+        if is_number(r.get("batch")) and is_number(r.get("decode_tokens_per_s")):
+            series.setdefault(config_key(r)[:-1] + (_benchmark_function(r),), []).append(r)
+    series = {_labels(pts[:1], with_batch=False)[0]: sorted((r["batch"], r["decode_tokens_per_s"]) for r in pts)
+              for pts in series.values() if len({r["batch"] for r in pts}) > 1}
+    series = dict(list(series.items())[:len(_PALETTE)])
     if not series:
         return None
-    fig, ax = _figure()
-    for key, points in sorted(series.items()):
-        ax.plot(*zip(*sorted(points)), marker="o", label=" ".join(str(k) for k in key if k))
-    ax.set_xscale("log", base=2)
+    fig = _figure(5.0, 3.4)
+    ax = fig.add_subplot(111)
+    for i, (label, pts) in enumerate(series.items()):
+        ax.plot(*zip(*pts), marker="o", color=_PALETTE[i % len(_PALETTE)], label=label)
+    _powers_of_two_axis(ax, [b for pts in series.values() for b, _ in pts])
+    ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens/s (all sequences)")
-    ax.set_title("Decode throughput vs batch")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.set_ylabel("decode tok/s (all sequences)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
     return _png(fig)
 
 
-def plot_latency_distribution(benches: list[dict]) -> str | None:
-    labels, data = [], []
-    for b in benches:
-        latencies = b.get("extra_info", {}).get("token_latencies_ms")
-        if latencies:
-            labels.append(b.get("name", "?"))
-            data.append(latencies)
-    what = "per-token decode latency (ms)"
+def plot_throughput_per_config(rows: list[dict]) -> str | None:
+    """Horizontal bars: decode tok/s of every configuration at the smallest batch it ran."""
+    chosen: dict[tuple, dict] = OrderedDict()
+    for r in sorted(rows, key=config_key):
+        if is_number(r.get("decode_tokens_per_s")):
+            chosen.setdefault(config_key(r)[:-1] + (_benchmark_function(r),), r)  # its smallest batch
+    if not chosen:
+        return None
+    picked = list(chosen.values())[:_MAX_ROWS_PLOTTED]
+    labels = _labels(picked)
+    values = [r["decode_tokens_per_s"] for r in picked]
+    fig = _figure(5.0, 0.9 + 0.3 * len(labels))
+    ax = fig.add_subplot(111)
+    y = list(range(len(labels)))[::-1]
+    ax.barh(y, values, color="#1f77b4")
+    ax.set_yticks(y, labels, fontsize=8)
+    for yi, v in zip(y, values):
+        ax.text(v, yi, f" {v:,.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=8)
+    ax.set_xlim(0, max(values) * 1.18)
+    ax.set_xlabel("decode tok/s (all sequences)")
+    ax.grid(True, axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _several_models(rows) -> bool:
+    return len({r.get("model") for r in rows}) > 1
+
+
+def plot_latency(rows: list[dict]) -> str | None:
+    """Box plots, one per configuration, in configuration order (top to bottom)."""
+    chosen = sorted((r for r in rows if r["kind"] == "decode" and r["latencies_ms"]), key=config_key)
+    data = list(zip(_labels(chosen), (r["latencies_ms"] for r in chosen)))
+    what = "decode latency per token (ms)"
     if not data:
-        for b in benches:
-            rounds = b.get("stats", {}).get("data")
-            if rounds:
-                labels.append(b.get("name", "?"))
-                data.append([t * 1e3 for t in rounds])
+        chosen = sorted((r for r in rows if r["round_ms"]), key=lambda r: (r["kind"], config_key(r)))
+        data = [(f"{r['kind']} · {label}", r["round_ms"]) for label, r in zip(_labels(chosen), chosen)]
         what = "time per round (ms)"
     if not data:
         return None
-    fig, ax = _figure()
-    fig.set_size_inches(7.5, max(2.5, 0.32 * len(data) + 1.2))
-    ax.boxplot(data, vert=False, showfliers=True)
-    ax.set_yticks(range(1, len(labels) + 1), [_short(label) for label in labels], fontsize=7)
-    ax.set_xscale("log")
+    data = data[:_MAX_ROWS_PLOTTED]
+    from matplotlib.ticker import LogLocator
+
+    fig = _figure(5.0, 1.0 + 0.28 * len(data))
+    ax = fig.add_subplot(111)
+    ax.boxplot([d for _, d in data][::-1], vert=False, showfliers=True, widths=0.6,
+               flierprops={"markersize": 3, "alpha": 0.5})
+    ax.set_yticks(range(1, len(data) + 1), [label for label, _ in data][::-1], fontsize=8)
+    values = [v for _, d in data for v in d if is_number(v) and v > 0]
+    if values and max(values) / min(values) > 20:
+        ax.set_xscale("log")
+        decades = math.log10(max(values) / min(values))  # 1-3 ticks a decade would collide beyond two decades
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0) if decades <= 2 else (1.0,), numticks=8))
+        _plain_log_axis(ax.xaxis)
+    else:
+        ax.locator_params(axis="x", nbins=6)
     ax.set_xlabel(what)
-    ax.set_title("Latency distribution")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.grid(True, axis="x", which="major", alpha=0.3)
     return _png(fig)
 
 
-def _short(name: str, width: int = 60) -> str:
-    return name if len(name) <= width else name[: width - 1] + "…"
+def plot_niah(cells, png_path: str | None) -> str | None:
+    if png_path and Path(png_path).is_file():
+        return base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
+    if not cells:
+        return None
+    lengths = sorted({c[0] for c in cells})
+    depths = sorted({c[1] for c in cells})
+    grid = {(n, d): v for n, d, v in cells}
+    matrix = [[grid.get((n, d), float("nan")) for n in lengths] for d in depths]
+    fig = _figure(1.6 + 1.0 * len(lengths), 1.2 + 0.5 * len(depths))
+    ax = fig.add_subplot(111)
+    image = ax.imshow(matrix, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g} %" for d in depths])
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    return _png(fig)
 
 
-# ---------------------------------------------------------------------------------------------
+_DRAW = {"memory": lambda p: plot_memory(p.data), "throughput_batch": lambda p: plot_throughput_vs_batch(p.data),
+         "throughput_config": lambda p: plot_throughput_per_config(p.data), "latency": lambda p: plot_latency(p.data),
+         "niah": lambda p: plot_niah(p.data, p.png_path)}
 
 
-def render_html(summary: dict, markdown: str, benchmarks: dict | None = None, figures=()) -> str:
-    """The full page: report.md's content (its image links replaced by the embedded ``figures``,
-    PNG files of the run directory), then the plots that the run's data supports."""
-    benches = (benchmarks or {}).get("benchmarks") or []
-    plots = [("Peak memory vs sequence length, per attention implementation", plot_memory_vs_length(summary.get("results", []))),
-             ("Decode tokens/s vs batch size", plot_tokens_per_second_vs_batch(benches)),
-             ("Latency distribution", plot_latency_distribution(benches))]
-    body = [markdown_to_html("\n".join(line for line in markdown.splitlines() if not line.startswith("![")))]
-    for path in figures:
-        encoded = base64.b64encode(Path(path).read_bytes()).decode()
-        body.append(f'<figure><img alt="{html.escape(Path(path).stem)}" src="data:image/png;base64,{encoded}">'
-                    f"<figcaption>{html.escape(Path(path).name)}</figcaption></figure>")
-    body.append("<h2>Plots</h2>")
-    drawn = [(title, png) for title, png in plots if png]
-    for title, png in drawn:
-        body.append(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{png}">'
-                    f"<figcaption>{html.escape(title)}</figcaption></figure>")
-    missing = [title for title, png in plots if not png]
-    if missing:
-        body.append("<p>Not drawn, because this run measured nothing for them: " + "; ".join(html.escape(m) for m in missing) + ".</p>")
-    title = html.escape(f"Inference validation report: {summary.get('verdict', '')}")
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+_FONTS = {"font.size": 9, "axes.labelsize": 9, "xtick.labelsize": 8, "ytick.labelsize": 8, "legend.fontsize": 8}
+
+
+def draw_plots(view: ReportView) -> dict[str, str]:
+    """{'kind:title': base64 PNG} for every plot of the view that the run's data supports."""
+    import matplotlib
+
+    out = {}
+    with matplotlib.rc_context(_FONTS), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")  # emoji/CJK in labels: drawn as boxes
+        for section in view.sections:
+            for plot in section.plots:
+                png = _DRAW[plot.kind](plot)
+                if png:
+                    out[f"{plot.kind}:{plot.title}"] = png
+    return out
+
+
+def render_html(view: ReportView) -> str:
+    plots = draw_plots(view)
+    env = environment(autoescape=True)
+    return env.get_template("report.html.j2").render(v=view, plots=plots, summary_of=summary_of)
