@@ -1,10 +1,15 @@
 """Device-synchronised timing, the device's measured peaks, and MBU/MFU.
 
+- `do_bench_times` times single GPU calls the way `triton.testing.do_bench` does (CUDA events
+  around each call, the L2 cache flushed before each, one synchronisation at the end) and returns
+  every call's seconds; on CPU it is perf_counter per call.
+- `replay_times` hands such per-call times to pytest-benchmark (through the `replay_clock`
+  timer), so its statistics, JSON, --benchmark-save/--benchmark-compare(-fail) are those of the
+  do_bench-style measurement. Benchmarks of one GPU call use these two.
 - `device_timer` is a drop-in timer for pytest-benchmark (`@pytest.mark.benchmark(timer=...)`):
-  on CUDA it reads the GPU's timeline through CUDA events (waiting for queued work), so a
-  benchmark times the GPU work, not the kernel launches; on CPU it is perf_counter.
-- `time_calls` times single calls either with that timer or with CUDA events (what
-  `triton.testing.do_bench` uses); suites compare the two.
+  on CUDA it reads the GPU's timeline through CUDA events, waiting for queued work at every
+  reading; the generate() benchmarks (whole calls, tokens timestamped on the host) use it.
+- `time_calls` times single calls by one of these methods; suites compare them with do_bench.
 - `measure_copy_bandwidth` and `measure_matmul_peak` measure, once per run, what the device really
   does (not its data-sheet numbers); MBU and MFU are ratios to those.
 - `TokenClock` is a generate() streamer that timestamps every new token, which splits one
@@ -13,8 +18,10 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -75,9 +82,11 @@ _event_clock = _EventClock()
 
 
 def device_timer() -> float:
-    """The benchmarks' clock: with CUDA in use, the GPU timeline read through CUDA events (what
-    triton's do_bench and the CUDA-event path of `time_calls` use; within 2-3 % of do_bench on the
-    H100); otherwise time.perf_counter. Each reading waits for the work queued before it."""
+    """The generate() benchmarks' clock: with CUDA in use, the GPU timeline read through CUDA
+    events; otherwise time.perf_counter. Each reading waits for the work queued before it, so the
+    GPU idles between two timed calls: on the H200 a single long kernel timed with it read +3.6 %
+    (matmul 16384^3) and +6.9 % (causal SDPA 8x32x8192x128) above triton's do_bench, which is why
+    single-call benchmarks use `do_bench_times` + `replay_times` instead."""
     if _cuda_in_use():
         return _event_clock()
     return time.perf_counter()
@@ -90,33 +99,151 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, device, *, warmup: int = 3, repeats: int = 20, method: str = "timer") -> list[float]:
-    """Seconds taken by each of `repeats` calls of fn() after `warmup` calls.
+# ---------------------------------------------------------------------------------------------
+# Single calls timed like triton.testing.do_bench, replayed into pytest-benchmark
 
-    method "timer": device_timer around each call (the pytest-benchmark path);
-    method "host_sync": host_synchronized_timer around each call (synchronise + perf_counter);
-    method "events": CUDA events recorded around back-to-back calls on the current stream."""
+DEFAULT_FLUSH_BYTES = 256 * 1024 * 1024  # triton's CUDA driver: get_empty_cache_for_benchmark()
+
+
+def l2_flush_bytes(device) -> int:
+    """Bytes to overwrite before each timed call so that the call finds none of its inputs in L2:
+    the device's L2 size where torch exposes it (`L2_cache_size`, as torch inductor's benchmarker
+    sizes its flush buffer), else triton's 256 MiB."""
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return int(getattr(props, "L2_cache_size", 0) or 0) or DEFAULT_FLUSH_BYTES
+
+
+def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2: bool = True) -> list[float]:
+    """Seconds of each of `repeats` calls of fn() after `warmup` untimed calls, measured the way
+    `triton.testing.do_bench` measures (read from triton-lang/triton python/triton/testing.py and
+    its NVIDIA driver's get_empty_cache_for_benchmark/clear_cache).
+
+    Matched: CUDA events recorded on the current stream right before and right after each call;
+    before each call's start event an int32 buffer is zeroed (`cache.zero_()`) to flush the L2
+    cache, so the flush is queued but outside the timed span; warm-up calls are not flushed; calls
+    are queued back to back with no synchronisation between them (the GPU never idles waiting for
+    the host) and ONE synchronisation at the end; each call's time is its own event pair's
+    elapsed_time. Not matched: the flush buffer is the device's L2 size (`l2_flush_bytes`), not a
+    fixed 256 MiB (the timed span sees the same state: L2 full of the flush's dirty lines);
+    `warmup` and `repeats` are call counts (pytest-benchmark's rounds) where do_bench derives them
+    from a 5-call estimate and millisecond budgets (warmup=25, rep=100), and that estimate's extra
+    flushed calls are not made; no grad_to_none; the per-call times are returned, not a
+    mean/median/quantiles (pytest-benchmark computes those). On CPU: `warmup` calls, then
+    perf_counter around each call (nothing to flush or synchronise)."""
     import torch
 
     device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    if method == "events":
-        if device.type != "cuda":
-            raise ValueError("CUDA events need a CUDA device")
+    if device.type != "cuda":
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return samples
+    with torch.cuda.device(device):
+        cache = torch.empty(l2_flush_bytes(device) // 4, dtype=torch.int32, device=device) if flush_l2 else None
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for _ in range(warmup):
+            fn()
         for start, end in zip(starts, ends):
+            if cache is not None:
+                cache.zero_()
             start.record()
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        return [s.elapsed_time(e) / 1000.0 for s, e in zip(starts, ends)]
+        return [start.elapsed_time(end) / 1000.0 for start, end in zip(starts, ends)]
+
+
+class ReplayClock:
+    """A pytest-benchmark timer that reads back per-call durations measured beforehand.
+
+    pytest-benchmark 5.2.3 `benchmark.pedantic(target, rounds=n, iterations=1)` runs, per round,
+    `start = timer(); target(); end = timer()` and records end - start (fixture.py `_make_runner`,
+    `_raw_pedantic`); in pedantic mode it neither calibrates nor computes the timer's precision
+    (`_calibrate_timer` and `compute_timer_precision` are reached only from `benchmark(fn)`), so
+    the timer is read exactly twice per round. `replay_times` runs pedantic with `play_next` as
+    the target: it loads the next duration, and the next reading returns it; every other reading
+    returns 0.0. So each round's end - start is the recorded duration exactly (d - 0.0 == d, no
+    rounding from a running virtual time), in the recorded order, and extra readings (a future
+    version calibrating, a precision probe) can neither consume nor shift a duration.
+
+    The timer reaches pytest-benchmark through its public marker,
+    `@pytest.mark.benchmark(timer=replay_clock)` (the timer is a marker/--benchmark-timer option,
+    not a pedantic() argument; the other way would be setting the fixture's private `_timer`).
+    `replay_times` checks afterwards that this clock really timed every round."""
+
+    def __init__(self, name: str = "replay_clock"):
+        self.__name__ = name  # pytest-benchmark names the timer in its JSON options and logs
+        self._pending: deque[float] = deque()
+        self._loaded: float | None = None
+        self.delivered = 0
+
+    def __call__(self) -> float:
+        reading, self._loaded = self._loaded, None
+        if reading is None:
+            return 0.0
+        self.delivered += 1
+        return reading
+
+    def play_next(self) -> None:
+        """The benchmarked target: the next reading of the clock is the next recorded duration."""
+        if not self._pending:
+            raise RuntimeError("replay clock: more rounds than recorded durations")
+        self._loaded = self._pending.popleft()
+
+    def load(self, seconds) -> None:
+        self._pending, self._loaded, self.delivered = deque(seconds), None, 0
+
+    def __repr__(self) -> str:
+        return f"ReplayClock({self.__name__!r})"
+
+
+replay_clock = ReplayClock()
+
+
+def replay_times(benchmark, seconds, clock: ReplayClock = replay_clock) -> None:
+    """Make pytest-benchmark report `seconds` (one entry per call, e.g. from `do_bench_times`) as
+    its rounds: `benchmark.pedantic(clock.play_next, rounds=len(seconds), iterations=1,
+    warmup_rounds=0)` with the test marked `@pytest.mark.benchmark(timer=clock)`. The stats,
+    --benchmark-json (every round's value under "data"), --benchmark-save/-compare/-compare-fail
+    then work on those durations."""
+    seconds = [float(s) for s in seconds]
+    if not seconds or not all(math.isfinite(s) and s >= 0 for s in seconds):
+        raise ValueError(f"replay_times needs at least one finite non-negative duration, got {seconds[:8]}")
+    clock.load(seconds)
+    try:
+        benchmark.pedantic(clock.play_next, rounds=len(seconds), iterations=1, warmup_rounds=0)
+        if benchmark.enabled and clock.delivered != len(seconds):
+            benchmark.has_error = True  # keeps the rounds of whatever timer ran out of the JSON and comparisons
+            raise RuntimeError(
+                f"the benchmark's timer returned {clock.delivered} of {len(seconds)} replayed durations: mark the test "
+                f"@pytest.mark.benchmark(timer=harness.timing.{clock.__name__}) (the closest benchmark marker wins)")
+    finally:
+        clock.load(())
+
+
+def time_calls(fn, device, *, warmup: int = 3, repeats: int = 20, method: str = "do_bench") -> list[float]:
+    """Seconds taken by each of `repeats` calls of fn() after `warmup` calls.
+
+    method "do_bench": `do_bench_times` (what single-call benchmarks report);
+    method "events": the same without the L2 flush (CUDA events around back-to-back calls);
+    method "timer": device_timer around each call (a synchronisation per reading);
+    method "host_sync": host_synchronized_timer around each call (synchronise + perf_counter)."""
+    if method in ("do_bench", "events"):
+        return do_bench_times(fn, device, warmup=warmup, repeats=repeats, flush_l2=method == "do_bench")
     clocks = {"timer": device_timer, "host_sync": host_synchronized_timer}
     if method not in clocks:
         raise ValueError(f"unknown timing method {method!r}")
     clock = clocks[method]
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
     samples = []
     for _ in range(repeats):
         t0 = clock()

@@ -1,0 +1,159 @@
+"""Single-call timing: do_bench-style per-call times, replayed into pytest-benchmark.
+
+Planted faults: a replay clock that drops, reorders or rounds the recorded times must make the
+stats / JSON checks fail (they compare with the injected numbers exactly, in order), and a
+benchmark whose measured function does its work twice must fail --benchmark-compare-fail through
+the new path (do_bench_times -> replay_times), as tests/test_regression_gate.py does for
+benchmark.pedantic.
+"""
+
+import json
+import statistics
+
+import pytest
+
+from harness.timing import ReplayClock, do_bench_times, replay_times
+
+# Distinct, unsorted, not binary fractions: a dropped, reordered or rounded value shows.
+TIMES = [0.0123, 0.0101, 0.0347, 0.0099, 0.011, 0.0123456789, 0.0205]
+
+REPLAY = '''
+import json
+import os
+import statistics
+
+import pytest
+
+from harness.timing import replay_clock, replay_times
+
+TIMES = json.loads(os.environ["REPLAY_TIMES"])
+
+
+@pytest.mark.benchmark(timer=replay_clock)
+def test_replayed(benchmark):
+    replay_times(benchmark, TIMES)
+    stats = benchmark.stats.stats
+    assert stats.data == TIMES
+    assert (stats.min, stats.max, stats.median, stats.rounds) == (
+        min(TIMES), max(TIMES), statistics.median(TIMES), len(TIMES))
+
+
+def test_without_the_replay_timer_is_refused(benchmark):
+    with pytest.raises(RuntimeError, match="timer=harness.timing.replay_clock"):
+        replay_times(benchmark, TIMES)
+'''
+
+GATED = '''
+import os
+import time
+
+import pytest
+
+from harness.timing import do_bench_times, replay_clock, replay_times
+
+
+def decode_step():
+    time.sleep(0.01)
+    if os.environ.get("PLANTED_SLOWDOWN"):
+        time.sleep(0.01)  # planted fault: the same work done twice
+
+
+@pytest.mark.benchmark(timer=replay_clock)
+def test_decode_step(benchmark):
+    replay_times(benchmark, do_bench_times(decode_step, "cpu", warmup=1, repeats=7))
+'''
+
+
+def _run(pytester, *args):
+    return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama", *args)
+
+
+def test_replay_hands_pytest_benchmark_exactly_the_given_times(pytester, monkeypatch):
+    monkeypatch.setenv("REPLAY_TIMES", json.dumps(TIMES))
+    pytester.makepyfile(test_replay=REPLAY)
+    result = _run(pytester, "--benchmark-json=out.json")
+    result.assert_outcomes(passed=2)
+    [bench] = json.loads((pytester.path / "out.json").read_text())["benchmarks"]
+    stats = bench["stats"]
+    assert stats["data"] == TIMES
+    assert (stats["min"], stats["max"], stats["median"], stats["mean"], stats["rounds"]) == (
+        min(TIMES), max(TIMES), statistics.median(TIMES), statistics.mean(TIMES), len(TIMES))
+    assert bench["options"]["timer"] == "replay_clock"
+
+
+def test_replay_survives_extra_timer_readings():
+    """A pytest-benchmark that read the timer more often (calibration, a precision probe) must
+    still see each recorded duration once, in order."""
+    clock = ReplayClock("probe")
+
+    class ReadsTooOften:
+        enabled = True
+
+        def __init__(self):
+            self.data = []
+
+        def pedantic(self, target, rounds, iterations, warmup_rounds):
+            assert (iterations, warmup_rounds) == (1, 0)
+            for _ in range(rounds):
+                clock(), clock()  # extra readings between rounds
+                start = clock()
+                clock()  # and inside a round, before the target
+                target()
+                self.data.append(clock() - start)
+                clock()
+
+    bench = ReadsTooOften()
+    replay_times(bench, TIMES, clock=clock)
+    assert bench.data == TIMES
+    with pytest.raises(RuntimeError, match="more rounds than recorded"):
+        clock.play_next()  # nothing is left loaded after a replay
+
+
+@pytest.mark.parametrize("bad", [[], [0.01, float("nan")], [-1e-3]])
+def test_replay_refuses_missing_or_impossible_times(bad):
+    with pytest.raises(ValueError, match="finite non-negative"):
+        replay_times(object(), bad)
+
+
+@pytest.fixture
+def gated(pytester, monkeypatch):
+    pytester.makepyfile(test_bench=GATED)
+    storage = f"file://{pytester.path / 'perf'}"
+
+    def run(*args, planted=False):
+        if planted:
+            monkeypatch.setenv("PLANTED_SLOWDOWN", "1")
+        else:
+            monkeypatch.delenv("PLANTED_SLOWDOWN", raising=False)
+        return _run(pytester, f"--benchmark-storage={storage}", *args)
+
+    run("--benchmark-save=baseline").assert_outcomes(passed=1)
+    return run
+
+
+GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
+
+
+def test_planted_slowdown_fails_the_compare_gate_through_the_replay(gated):
+    result = gated(*GATE, planted=True)
+    assert result.ret != 0
+    output = result.stdout.str() + result.stderr.str()
+    assert "Performance has regressed" in output
+    assert "test_decode_step (0001_baselin) - Field 'median' has failed PercentageRegressionCheck" in output
+
+
+def test_unchanged_replayed_benchmark_passes_the_same_gate(gated):
+    result = gated(*GATE)
+    assert result.ret == 0, result.stdout.str()[-2000:]
+
+
+def test_cpu_fallback_times_every_call():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        sum(range(2000))
+
+    times = do_bench_times(fn, "cpu", warmup=2, repeats=5)
+    assert len(calls) == 7 and len(times) == 5
+    assert all(t > 0 for t in times), times
