@@ -15,7 +15,7 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention import (KNOWN_DISAGREEMENTS, MODEL_ATTENTION, compare_model_outputs, error_over_allowed,
+from harness.attention import (MODEL_ATTENTION, compare_model_outputs, error_over_allowed, known_disagreement,
                                model_attention, model_forward, padded_position_ids, reference_context, upcast_reference)
 from harness.compare import compare_tensors
 
@@ -138,9 +138,10 @@ def _run(fn, backend, model_spec):
         raise
 
 
-def _assert_or_known(model_spec, passed: bool, message: str) -> None:
-    if not passed and model_spec.name in KNOWN_DISAGREEMENTS:
-        pytest.xfail(f"{KNOWN_DISAGREEMENTS[model_spec.name]}: {message}")
+def _assert_or_known(config, passed: bool, message: str) -> None:
+    known = known_disagreement(config)
+    if not passed and known:
+        pytest.xfail(f"{known}: {message}")
     assert passed, message
 
 
@@ -179,8 +180,8 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
                   rule=f"error <= {factor:g} x eager error + slack", ratio_vs_eager=round(logits.ratio, 3),
                   logits_error=logits.error, eager_logits_error=logits.baseline_error,
                   tightest_layer=layers.layer, layer_ratio=round(layers.ratio, 3))
-    _assert_or_known(model_spec, layers.passed, layers.message)
-    _assert_or_known(model_spec, logits.passed, logits.message)
+    _assert_or_known(eager.config, layers.passed, layers.message)
+    _assert_or_known(eager.config, logits.passed, logits.message)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -218,4 +219,4 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
                   passed=verdict.passed, where=f"{backend}/decode/{str(dtype).removeprefix('torch.')}",
                   rule=f"error <= {tolerances.model_error_factor:g} x eager error + slack",
                   ratio_vs_eager=round(verdict.ratio, 3), error=verdict.error, eager_error=verdict.baseline_error)
-    _assert_or_known(model_spec, verdict.passed, verdict.message)
+    _assert_or_known(eager.config, verdict.passed, verdict.message)

@@ -380,7 +380,7 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
     harness.reference_sizing predicts that the reference and the comparison fit beside the variants."""
     import torch
 
-    from harness.attention import KNOWN_DISAGREEMENTS, compare_model_outputs, error_over_allowed, model_forward
+    from harness.attention import compare_model_outputs, error_over_allowed, known_disagreement, model_forward
     from harness.reference_sizing import plan_model_reference, reference_outputs
 
     if long_context_attn == "eager":
@@ -414,8 +414,9 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
                   ratio_vs_eager=round(max(layers.ratio, logits.ratio), 3), tightest_layer=layers.layer,
                   **plan.details())
     said = f" ({plan.note})" if plan.note else ""
-    if not (layers.passed and logits.passed) and model_spec.name in KNOWN_DISAGREEMENTS:
-        pytest.xfail(f"{KNOWN_DISAGREEMENTS[model_spec.name]}: {layers.message}{said}")
+    known = known_disagreement(eager.config)
+    if not (layers.passed and logits.passed) and known:
+        pytest.xfail(f"{known}: {layers.message}{said}")
     assert layers.passed, layers.message + said
     assert logits.passed, logits.message + said
 
