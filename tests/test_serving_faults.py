@@ -1,0 +1,62 @@
+"""Planted faults in the serving path: each breaks continuous batching's paged KV cache or its
+scheduler (tests/serving_faults.py); the serving suite, run unchanged through pytester, must fail
+on it with a message naming the request and the step. Without the fault the same selection passes
+(so the failure is the fault's doing)."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = "test_serving"
+
+CONFTEST = '''
+import sys
+sys.path.insert(0, {repo!r})
+import pytest
+from tests.serving_faults import FAULTS
+
+@pytest.fixture(scope="session", autouse=True)  # session: active before the suites' session fixtures run
+def planted_fault():
+    with FAULTS[{fault!r}]():
+        yield
+'''
+
+MODEL = "tiny:llama"
+SELECTION = "served_together and sdpa"  # the equivalence test, paged|sdpa
+IMPL = "*continuous batching (paged|sdpa, all submitted together):*"
+SERVED = "*request '*' served vs the same request alone with a dynamic cache: *"
+
+# fault, lines the failure output must contain (the implementation; the request, then the step)
+CASES = [
+    ("block_table_entry_points_at_other_request", [IMPL, SERVED + "step *"]),
+    ("kv_written_one_slot_late", [IMPL, SERVED + "step *"]),
+    ("chunked_prefill_drops_last_prompt_token", [IMPL, SERVED + "step *"]),
+]
+
+
+def _run_suite(pytester, fault=None):
+    # another basename than the suite's own (the same process may have imported suites/ already),
+    # next to the suites' shared fixtures, which the planted fault (if any) joins
+    pytester.makepyfile(**{f"{SUITE}_under_test": (REPO / "suites" / f"{SUITE}.py").read_text()})
+    conftest = (REPO / "suites" / "conftest.py").read_text()
+    if fault:
+        conftest += "\n" + CONFTEST.format(repo=str(REPO), fault=fault)
+    pytester.makeconftest(conftest)
+    return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", MODEL,
+                                        "-k", SELECTION, "-q")
+
+
+@pytest.mark.parametrize("fault, expected", CASES, ids=[c[0] for c in CASES])
+def test_serving_suite_catches_planted_fault(pytester, fault, expected):
+    result = _run_suite(pytester, fault)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines(expected, consecutive=False)
+
+
+def test_same_selection_passes_without_a_fault(pytester):
+    result = _run_suite(pytester)
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("passed") == 1 and not outcomes.get("skipped"), (
+        "the selection must run (not skip) the equivalence test: " + result.stdout.str()[-2000:])
