@@ -14,7 +14,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-/tmp/gpu-out}
 logs=/tmp/gpu-logs
 mkdir -p "$out" "$logs"
-phase=${1:?phase: smoke | gate-default | faults | gate-7b | seeds | long}
+phase=${1:?phase: smoke | focus | gate-default | faults | gate-7b | seeds | long}
 tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd 'A-Za-z0-9' | tr A-Z a-z | sed 's/nvidia//')
 tag=${tag:-gpu}
 failed=0
@@ -36,6 +36,18 @@ case $phase in
     step smoke 150 $PYTEST suites/test_attention_dispatch.py suites/test_benchmarks.py suites/test_serving.py \
          suites/test_long_context.py -k "dispatch or do_bench or device_ or serving or long_prompt_attention" \
          --model tiny:llama --dtype bfloat16 -x ;;
+  focus)  # one short call: the attention suites unbroken and with each fault, the timer check, serving, seeds
+    step attention-bf16 100 $GATE --model smollm2-135m --dtype bfloat16 --report-dir "reports/$tag-attention-bf16" -- \
+         suites/test_attention_dispatch.py suites/test_attention_model.py
+    step timer 50 $PYTEST suites/test_benchmarks.py -k "do_bench or device_" --model tiny:llama --report-dir "reports/$tag-timer"
+    for fault in ${FAULTS:-attention_scale_off_1pct attention_decode_drops_first_key attention_probs_rounded_bf16}; do
+      step "fault-$fault" 60 env HARNESS_PLANTED_FAULT=$fault $GATE --model smollm2-135m --dtype bfloat16 \
+           --report-dir "reports/$tag-fault-$fault" -- suites/test_attention_dispatch.py -x
+    done
+    step serving 100 $PYTEST suites/test_serving.py --model smollm2-135m --dtype bfloat16 --report-dir "reports/$tag-serving"
+    JOBS=4 PY=python3 step seeds 110 bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 8 \
+         suites/test_attention_dispatch.py --model smollm2-135m --device cuda --dtype bfloat16
+    failed=0 ;;  # fault steps are expected to fail; summary.txt has every exit code
   gate-default)  # the deployment gate on the trained default model; run twice: cold, then warm caches
     run=${RUN:-1}
     step "gate-default-$run" 560 $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
