@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from harness.attention import (MODEL_ATTENTION, compare_model_outputs, error_over_allowed, known_disagreement,
-                               model_attention, model_forward, padded_position_ids, reference_context, upcast_reference)
+                               model_forward, padded_position_ids, reference_context, upcast_reference)
 from harness.compare import compare_tensors
 
 BACKENDS = [name for name in MODEL_ATTENTION if name != "eager"]
@@ -117,16 +117,6 @@ def _reference_outputs(cache, key, run, model_spec, model_factory, device, plan)
     return cache[key]
 
 
-def _selected(name, require, run_config, request, device):
-    if run_config.attn and name not in run_config.attn:
-        pytest.skip(f"{name} not selected by --attn {','.join(run_config.attn)}")
-    require(name)
-    if name == "flex_attention" and device.type == "cpu" and not request.config.getoption("--run-slow"):
-        pytest.skip("slow on CPU: transformers compiles flex_attention with inductor (minutes per shape on 2 cores); "
-                    "the kernel suite checks flex on CPU, --run-slow runs it here, the GPU run always does")
-    return model_attention(name)
-
-
 def _run(fn, backend, model_spec):
     """Run a forward; a backend torch cannot dispatch for this model's inputs is a skip that says so."""
     try:
@@ -154,8 +144,8 @@ def _cached(cache, key, fn):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, model_factory, device, dtype, tolerances,
-                                              run_config, require, record_result, reference_outputs, request):
-    attn_implementation, context = _selected(backend, require, run_config, request, device)
+                                              run_config, select_attention, record_result, reference_outputs):
+    attn_implementation, context = select_attention(backend)
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, scenario, seed)
@@ -186,9 +176,9 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_factory, device, dtype, tolerances,
-                                                     run_config, require, record_result, reference_outputs, request):
+                                                     run_config, select_attention, record_result, reference_outputs):
     """Prefill all but the last token of a left-padded batch, then decode it (q_len=1 against the cache)."""
-    attn_implementation, context = _selected(backend, require, run_config, request, device)
+    attn_implementation, context = select_attention(backend)
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, "left_padded", seed + 7)
