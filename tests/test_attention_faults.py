@@ -21,7 +21,7 @@ from harness.attention import (KERNELS, attention_cases, check_attention_kernel,
                                reference_context, upcast_reference)
 from harness.config import Tolerances
 from harness.models import load_model, resolve_model
-from tests.planted_faults import (ATTENTION_FAULTS, FAULT_DESCRIPTIONS, KERNEL_FAULTS, activate_planted_fault,
+from tests.planted_faults import (FAULT_DESCRIPTIONS, KERNEL_FAULTS, activate_planted_fault,
                                   deactivate_planted_faults)
 
 ROOT = Path(__file__).resolve().parents[1]
