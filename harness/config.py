@@ -124,6 +124,10 @@ class Tolerances:
     # ... and a fused kernel (SDPA flash/efficient, flash-attn) at most this fraction of one: a
     # boolean B x 1 x N x N mask (sliding-window models) is 1/(heads x bytes) of the scores.
     fused_max_score_fraction: float = 0.1
+    # Untrained weights: mean next-token entropy over the bundled prose, as a fraction of a uniform
+    # distribution's ln(vocab). SmolLM2-135M: 0.30 (3.3 of 10.8 nats); random-initialised models
+    # (std 0.02): >= 0.99. Between, 0.9 flags only a checkpoint that predicts almost nothing.
+    untrained_entropy_fraction: float = 0.9
     # The harness's timer vs triton.testing.do_bench (issue 6: within 3 %) on long GPU kernels.
     timer_agreement_rel: float = 0.03
 

@@ -359,6 +359,38 @@ def model_factory(model_spec, device, dtype):
 
 
 @pytest.fixture(scope="session")
+def weights_evidence(model_spec, reference_model, tokenizer, tolerances, request):
+    """harness.weights' evidence for the model under test, recorded once per model for the report."""
+    from harness.weights import next_token_entropy
+
+    evidence = next_token_entropy(reference_model, tokenizer)
+    untrained = evidence.untrained(tolerances.untrained_entropy_fraction)
+    _state(request.config)["records"].append(Result(
+        suite="harness", check="weights", metric="next-token entropy / uniform", value=round(evidence.fraction, 4),
+        threshold=f"< {tolerances.untrained_entropy_fraction}", passed=None, where=model_spec.name,
+        details={"entropy_nats": evidence.entropy_nats, "uniform_nats": evidence.uniform_nats,
+                 "looks_untrained": untrained}))
+    return evidence
+
+
+@pytest.fixture(scope="session")
+def trained(model_spec):
+    """The model under test when it has trained weights; a random-weight preset skips the check."""
+    if not model_spec.trained:
+        pytest.skip(f"{model_spec.name} has random weights (a preset): this check needs a trained model")
+    return model_spec
+
+
+@pytest.fixture(scope="session")
+def trained_quality(trained, weights_evidence, tolerances):
+    """For checks of a model's quality: a checkpoint whose weights behave as untrained is an expected
+    failure that says so, since its result would be about the weights, not the optimisation."""
+    if weights_evidence.untrained(tolerances.untrained_entropy_fraction):
+        pytest.xfail(f"untrained weights: {weights_evidence.describe()}; quality checks need a trained checkpoint")
+    return trained
+
+
+@pytest.fixture(scope="session")
 def reference_model(model_factory):
     """The model under test with eager attention in the run's dtype."""
     return model_factory("eager")

@@ -10,14 +10,7 @@ from harness.generation_basics import chat_greedy, gguf_header_for
 pytestmark = pytest.mark.acceptance
 
 
-@pytest.fixture(scope="session")
-def trained(model_spec):
-    if not model_spec.trained:
-        pytest.skip(f"{model_spec.name} has random weights: nothing to accept")
-    return model_spec
-
-
-def test_capital_of_france_answer_contains_paris(trained, reference_model, tokenizer, record_result):
+def test_capital_of_france_answer_contains_paris(trained_quality, reference_model, tokenizer, record_result):
     answer = chat_greedy(reference_model, tokenizer, "What is the capital of France?", max_new_tokens=24)
     record_result("chat", "answer", answer.strip()[:80], threshold="contains 'Paris'", passed="Paris" in answer)
     assert "Paris" in answer, f"greedy answer to 'What is the capital of France?' lacks 'Paris': {answer!r}"

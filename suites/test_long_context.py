@@ -56,13 +56,6 @@ def niah_config(request) -> niah.NiahConfig:
 
 
 @pytest.fixture(scope="session")
-def trained(model_spec):
-    if not model_spec.trained:
-        pytest.skip(f"{model_spec.name} has random weights: it cannot retrieve a needle")
-    return model_spec
-
-
-@pytest.fixture(scope="session")
 def long_context_attn(run_config, capabilities) -> str:
     """The implementation a long-context user runs: the first --attn, else flash-attention 2 where
     it is installed, else SDPA."""
@@ -91,12 +84,12 @@ _SCORES: dict[tuple, list] = {}
 
 
 @pytest.fixture(scope="session")
-def niah_scores(trained, long_context_model, long_context_attn, tokenizer, builder, niah_config):
+def niah_scores(trained_quality, long_context_model, long_context_attn, tokenizer, builder, niah_config):
     """Cell scores per context length, computed once: scores(length) -> list[CellScore]."""
     needles = niah.make_needles(niah_config.needles, niah_config.seed)
 
     def scores(length: int) -> list:
-        key = (trained.name, long_context_attn, str(long_context_model.dtype), length, repr(niah_config))
+        key = (trained_quality.name, long_context_attn, str(long_context_model.dtype), length, repr(niah_config))
         if key not in _SCORES:
             _SCORES[key] = [niah.run_cell(long_context_model, tokenizer, builder, length, depth, needle,
                                           niah_config.answer_tokens)[0]

@@ -29,14 +29,6 @@ _table_rows: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="session")
-def trained(model_spec):
-    if not model_spec.trained:
-        pytest.skip(f"{model_spec.name} has random weights: quantization agreement thresholds are measured on "
-                    "trained models, and quantized presets are not loadable")
-    return model_spec
-
-
-@pytest.fixture(scope="session")
 def quant_thresholds(run_config) -> Q.QuantizationThresholds:
     try:
         return Q.load_quantization_thresholds(run_config.thresholds_file)
@@ -45,7 +37,7 @@ def quant_thresholds(run_config) -> Q.QuantizationThresholds:
 
 
 @pytest.fixture(scope="session")
-def quant_reference(trained, model_factory, device, dtype):
+def quant_reference(trained_quality, model_factory, device, dtype):
     """fp32 on CPU (the most exact reference there is); on GPU the run's dtype, as a user deploys it."""
     return model_factory("eager", dtype=torch.float32 if device.type == "cpu" else dtype)
 
@@ -65,7 +57,7 @@ def _evaluation_set(tokenizer, reference, window: int, count: int | None):
 
 
 @pytest.fixture(scope="module", params=SCHEME_PARAMS)
-def scheme(request, trained, require):
+def scheme(request, trained_quality, require):
     name = request.param
     require(Q.SCHEMES[name].capability)
     return name
