@@ -72,6 +72,12 @@ class Tolerances:
     token_margin_fp32: float = 1e-3
     token_margin_half: float = 0.15
     token_topk: int = 5
+    # ... and, whatever the dtype's fixed margin, a margin within this many units in the last place
+    # of the step's largest logit is a near-tie too: two logits rounded on different paths can each
+    # move half an ulp or more. H200, bf16, continuous batching vs one request alone: margin 0.156
+    # at logits of ~20 (bf16 ulp 0.125) flipped, 0.15 fixed margin said "not a near-tie". In fp32 the
+    # term is ~1e-5, far under token_margin_fp32.
+    token_margin_ulps: float = 2.0
 
     def token_margin(self, dtype_name: str) -> float:
         return self.token_margin_fp32 if dtype_name in ("float32", "float64") else self.token_margin_half

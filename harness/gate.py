@@ -74,7 +74,14 @@ def main(argv=None) -> int:
     if not Path(opts.suites).is_dir():
         print(f"harness.gate: no suites directory at {opts.suites}", file=sys.stderr)
         return 4
-    status = subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    try:
+        status = child.wait()
+    except KeyboardInterrupt:  # pytest got the same interrupt: let it print its summary and write the report
+        status = child.wait()
+        print(f"harness.gate: interrupted; the report under {opts.report_dir}/latest holds the tests that ran",
+              file=sys.stderr)
+        return status or 130
     return max(status, _benchmarks_after_run(opts))
 
 

@@ -16,6 +16,8 @@ Anything else fails with a message naming the step, both tokens, the margin and 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -60,6 +62,24 @@ class TokenAgreement:
         return self.verdict in _PASSING
 
 
+_MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}
+
+
+def _ulp(value: float, dtype_name: str) -> float:
+    """Spacing of ``dtype_name`` numbers at magnitude ``value`` (one unit in the last place)."""
+    if not value > 0 or not math.isfinite(value):
+        return 0.0
+    return 2.0 ** (math.floor(math.log2(value)) - _MANTISSA_BITS.get(dtype_name, 23))
+
+
+def _largest(row) -> float:
+    import torch
+
+    row = torch.as_tensor(row).detach().double()
+    finite = row[torch.isfinite(row)]
+    return float(finite.abs().max()) if finite.numel() else 0.0
+
+
 def _top2_margin(row) -> float:
     top = row.float().topk(2).values
     return float(top[0] - top[1])
@@ -95,10 +115,10 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
         return TokenAgreement(LENGTH_MISMATCH, min(len(ref), len(cand)), None, None,
                               f"{who}: {len(cand)} tokens generated, reference has {len(ref)} "
                               "(both were forced to the same length)", lengths=(len(ref), len(cand)))
-    margin_limit = tolerances.token_margin(dtype_name)
+    base_margin = tolerances.token_margin(dtype_name)
     logit_limit = tolerances.generation_logit_rel(dtype_name)
     k = tolerances.token_topk
-    limits = dict(logit_limit=logit_limit, margin_limit=margin_limit, topk=k)
+    limits = dict(logit_limit=logit_limit, margin_limit=base_margin, topk=k)
     worst = 0.0
     for step, (r, c) in enumerate(zip(ref, cand)):
         error = relative_logit_error(reference_logits[step], candidate_logits[step])
@@ -112,6 +132,8 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
         if r == c:
             continue
         margin = _top2_margin(reference_scores[step])
+        margin_limit = max(base_margin, tolerances.token_margin_ulps * _ulp(_largest(reference_logits[step]), dtype_name))
+        limits["margin_limit"] = margin_limit
         near_tie = margin < margin_limit
         in_topk = _in_topk(reference_scores[step], c, k) and _in_topk(candidate_scores[step], r, k)
         if near_tie and in_topk:
