@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.fault_conftest import planted_fault_conftest
+
 REPO = Path(__file__).resolve().parents[1]
 
-CONFTEST = '''
-import sys
-sys.path.insert(0, {repo!r})
-import pytest
-from tests.generation_faults import FAULTS
-
-@pytest.fixture(scope="session", autouse=True)  # session: active before the suites' session fixtures run
-def planted_fault():
-    with FAULTS[{fault!r}]():
-        yield
-'''
 
 # fault, suite, model, -k selection, lines the failure output must contain
 CASES = [
@@ -44,7 +35,7 @@ def _run_suite(pytester, suite, model, selection, fault=None):
     pytester.makepyfile(**{f"{suite}_under_test": (REPO / "suites" / f"{suite}.py").read_text()})
     conftest = (REPO / "suites" / "conftest.py").read_text()
     if fault:
-        conftest += "\n" + CONFTEST.format(repo=str(REPO), fault=fault)
+        conftest += "\n" + planted_fault_conftest("generation_faults", fault)
     pytester.makeconftest(conftest)
     return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", model,
                                         "-k", selection, "-q")

@@ -7,20 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.fault_conftest import planted_fault_conftest
+
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "test_serving"
 
-CONFTEST = '''
-import sys
-sys.path.insert(0, {repo!r})
-import pytest
-from tests.serving_faults import FAULTS
-
-@pytest.fixture(scope="session", autouse=True)  # session: active before the suites' session fixtures run
-def planted_fault():
-    with FAULTS[{fault!r}]():
-        yield
-'''
 
 MODEL = "tiny:llama"
 SELECTION = "served_together and sdpa"  # the equivalence test, paged|sdpa
@@ -41,7 +32,7 @@ def _run_suite(pytester, fault=None):
     pytester.makepyfile(**{f"{SUITE}_under_test": (REPO / "suites" / f"{SUITE}.py").read_text()})
     conftest = (REPO / "suites" / "conftest.py").read_text()
     if fault:
-        conftest += "\n" + CONFTEST.format(repo=str(REPO), fault=fault)
+        conftest += "\n" + planted_fault_conftest("serving_faults", fault)
     pytester.makeconftest(conftest)
     return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", MODEL,
                                         "-k", SELECTION, "-q")
