@@ -65,19 +65,14 @@ def _layer_of(module, order: dict) -> int:
 
 
 @contextlib.contextmanager
-def _patched(namespace, name, value):
-    old = getattr(namespace, name) if isinstance(namespace, type(sys)) else namespace[name]
-    if isinstance(namespace, type(sys)):
-        setattr(namespace, name, value)
-    else:
-        namespace[name] = value
+def _patched(mapping: dict, name: str, value):
+    """Replace ``mapping[name]`` (a module's ``vars()`` or transformers' registry) for the block."""
+    old = mapping[name]
+    mapping[name] = value
     try:
         yield old
     finally:
-        if isinstance(namespace, type(sys)):
-            setattr(namespace, name, old)
-        else:
-            namespace[name] = old
+        mapping[name] = old
 
 
 def _eager_namespace(model):
@@ -117,7 +112,7 @@ def record_eager_calls(eager_model, ids, mask, decode_steps: int = 0) -> LayerCa
         steps[layer] = steps.get(layer, 0) + 1
         return output, weights
 
-    with _patched(namespace, "eager_attention_forward", recording) as original:
+    with _patched(vars(namespace), "eager_attention_forward", recording) as original:
         _run(eager_model, ids, mask, decode_steps)
     if not recorded.calls:
         raise DispatchNotRecorded(f"{type(eager_model).__name__} made no call to eager_attention_forward")
