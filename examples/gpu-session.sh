@@ -14,7 +14,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-/tmp/gpu-out}
 logs=/tmp/gpu-logs
 mkdir -p "$out" "$logs"
-phase=${1:?phase: smoke | focus | gate-default | faults | gate-7b | seeds | long}
+phase=${1:?phase: smoke | focus | gate-default | gates | faults | gate-7b | seeds | long}
 tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd 'A-Za-z0-9' | tr A-Z a-z | sed 's/nvidia//')
 tag=${tag:-gpu}
 failed=0
@@ -51,18 +51,23 @@ case $phase in
     failed=0 ;;  # fault steps are expected to fail; summary.txt has every exit code
   gate-default)  # the deployment gate on the trained default model; run twice: cold, then warm caches
     run=${RUN:-1}
-    step "gate-default-$run" 560 $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
+    step "gate-default-$run" ${CAP:-560} $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
          --report-dir "reports/$tag-gate-default-$run" ;;
+  gates)  # issue 13: the second (warm) default-model gate and the 7B gate in one call
+    run=${RUN:-2}
+    step "gate-default-$run" ${CAP:-280} $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
+         --report-dir "reports/$tag-gate-default-$run"
+    step gate-7b ${CAP7B:-290} $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
   faults)  # issue 14: each planted attention fault must make the bf16 quick gate exit non-zero
     for fault in ${FAULTS:-attention_scale_off_1pct attention_causal_shift attention_padding_ignored attention_decode_drops_first_key attention_probs_rounded_bf16}; do
-      step "fault-$fault" 100 env HARNESS_PLANTED_FAULT=$fault $GATE --model smollm2-135m --dtype bfloat16 \
+      step "fault-$fault" ${CAP:-100} env HARNESS_PLANTED_FAULT=$fault $GATE --model smollm2-135m --dtype bfloat16 \
            --report-dir "reports/$tag-fault-$fault" -- suites/test_attention_dispatch.py suites/test_attention_model.py -x
     done
     failed=0 ;;  # these steps are expected to fail; summary.txt has their exit codes
   gate-7b)
     step gate-7b 560 $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
-  seeds)  # issue 14: 20 seeds of the attention model suites in bf16, four at a time on the one GPU
-    JOBS=4 PY=python3 step seeds 560 bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 20 \
+  seeds)  # issue 14: 20 seeds of the attention model suites in bf16, JOBS at a time on the one GPU
+    OMP_NUM_THREADS=2 JOBS=${JOBS:-6} PY=python3 step seeds ${CAP:-560} bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 20 \
          suites/test_attention_dispatch.py suites/test_attention_model.py --model smollm2-135m --device cuda --dtype bfloat16 ;;
   long)     # the full needle-in-a-haystack grid up to the default model's 8192-token context
     step niah-full 330 $PYTEST suites/test_long_context.py --model smollm2-135m --dtype bfloat16 --run-slow \

@@ -17,6 +17,7 @@ from harness import capabilities as caps_mod
 from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
 from harness.errors import HarnessUsageError
 from harness.results import Result
+from harness.run_times import RunTimes, compile_seconds_so_far
 
 _STATE_KEY = pytest.StashKey[dict]()
 
@@ -90,7 +91,8 @@ def pytest_configure(config):
     state = {"run": run, "specs": specs, "device": device, "dtype": dtype, "tolerances": tolerances,
              "records": [], "outcomes": [], "started": time.time(), "run_dir": None, "compile_caches": compile_caches}
     config.stash[_STATE_KEY] = state
-    config.pluginmanager.register(_OutcomeRecorder(state["outcomes"]), "harness-outcomes")
+    state["run_times"] = RunTimes()
+    config.pluginmanager.register(_OutcomeRecorder(state["outcomes"], state["run_times"]), "harness-outcomes")
     if run.report_dir and not hasattr(config, "workerinput"):
         from harness.report import new_run_dir
 
@@ -437,14 +439,18 @@ def record_result(request):
 
 
 class _OutcomeRecorder:
-    """Keeps one row per test phase that decided the outcome (call, or a failed/skipped setup)."""
+    """Keeps one row per test phase that decided the outcome (call, or a failed/skipped setup), and
+    every phase's time per suite (harness.run_times)."""
 
-    def __init__(self, rows: list):
+    def __init__(self, rows: list, times: RunTimes):
         self.rows = rows
+        self.times = times
 
     def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
             self.rows.append(_outcome_row(report))
+        self.times.phase_done(Path(report.nodeid.split("::")[0]).stem, report.when, report.duration,
+                              compile_seconds_so_far())
 
 
 def _outcome_row(report) -> dict:
@@ -484,7 +490,16 @@ def _record_compile_cache_use(state) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = config.stash.get(_STATE_KEY, None)
-    if state and state["run_dir"] is not None:
+    if state is None:
+        return
+    rows = state["run_times"].rows()
+    if len(rows) > 1:
+        terminalreporter.write_sep("-", "harness: time per suite (s)")
+        terminalreporter.write_line(f"{'suite':<28} {'set-up':>8} {'compile':>8} {'measure':>8} {'total':>8} {'tests':>6}")
+        for row in rows:
+            terminalreporter.write_line(f"{row['suite']:<28} {row['setup_s']:>8.1f} {row['compile_s']:>8.1f} "
+                                        f"{row['measure_s']:>8.1f} {row['total_s']:>8.1f} {row['tests']:>6}")
+    if state["run_dir"] is not None:
         terminalreporter.write_line(f"harness report: {state['run_dir'] / 'report.md'}")
 
 

@@ -96,6 +96,7 @@ def build_summary(state, caps, exitstatus: int) -> dict:
         "environment": _environment(state),
         "run": _run_options(run),
         "suites": {suite: dict(counts) for suite, counts in sorted(per_suite.items())},
+        "suite_times": state["run_times"].rows() if state.get("run_times") else [],
         "outcomes": outcomes,
         "results": [r.to_dict() for r in state["records"]],
         "capabilities": [c.to_dict() for c in caps],

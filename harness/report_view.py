@@ -668,11 +668,25 @@ def _anchor(text: str) -> str:
 
 
 def suites_section(summary: dict) -> Section:
+    """Outcomes and where the time went, per suite (harness.run_times: set-up / compile / measure)."""
     section = Section("Suites", collapsed=True)
-    body = [[Cell(s), Cell(str(c.get("passed", 0))), Cell(str(c.get("failed", 0)), "fail" if c.get("failed") else None),
-             Cell(str(c.get("skipped", 0))), Cell(str(c.get("error", 0)), "fail" if c.get("error") else None)]
-            for s, c in summary.get("suites", {}).items()]
-    section.tables.append(Table(["suite", "passed", "failed", "skipped", "errors"], body, ["l", "r", "r", "r", "r"]))
+    times = {row["suite"]: row for row in summary.get("suite_times", [])}
+    names = list(summary.get("suites", {})) + [n for n in times if n not in summary.get("suites", {}) and n != "total"]
+    names.sort(key=lambda n: -times.get(n, {}).get("total_s", 0))
+    body = []
+    for name in names + (["total"] if "total" in times else []):
+        c, t = summary.get("suites", {}).get(name, {}), times.get(name, {})
+        if name == "total":
+            c = Counter()
+            for counts_ in summary.get("suites", {}).values():
+                c.update(counts_)
+        body.append([Cell(name), Cell(str(c.get("passed", 0))), Cell(str(c.get("failed", 0)), "fail" if c.get("failed") else None),
+                     Cell(str(c.get("skipped", 0))), Cell(str(c.get("error", 0)), "fail" if c.get("error") else None)]
+                    + [Cell(f"{t[k]:.1f}" if is_number(t.get(k)) else "n/a") for k in ("setup_s", "compile_s", "measure_s", "total_s")])
+    section.tables.append(Table(["suite", "passed", "failed", "skipped", "errors", "set-up s", "compile s", "measure s",
+                                 "total s"], body, ["l"] + ["r"] * 8,
+                                caption="Time: fixture set-up and teardown, torch.compile inside any phase "
+                                        "(inductor, flex_attention, CUDA graphs), and the tests' own calls."))
     return section
 
 
