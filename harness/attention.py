@@ -474,19 +474,21 @@ def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, fact
     Raises ValueError when the reference cannot be the same weights, since then the rule would
     accept anything: the embeddings (hidden state 0) must agree within rounding, and eager's
     logits may be at most ``max_reference_gap`` x the largest reference logit away from the
-    reference (see Tolerances.reference_logit_gap for the measured values).
+    reference at the median position (see Tolerances.reference_logit_gap for the measured values).
     """
-    from harness.compare import compare_tensors, first_diverging_layer, max_abs_error, reference_rounding
+    from harness.compare import (compare_tensors, first_diverging_layer, max_abs_error, reference_rounding,
+                                 typical_position_error)
 
     embeddings_gap = max_abs_error(eager_out.hidden_states[0], reference_out.hidden_states[0], attention_mask)
     embeddings_rounding = 2.0 * reference_rounding(reference_out.hidden_states[0], eager_out.hidden_states[0].dtype,
                                                    attention_mask)
     scale = float(reference_out.logits.abs().max())
-    logits_gap = max_abs_error(eager_out.logits, reference_out.logits, attention_mask)
+    # the typical position, not the worst: another model differs everywhere, while bf16 drifts far at a few
+    logits_gap = typical_position_error(eager_out.logits, reference_out.logits, attention_mask)
     if embeddings_gap > embeddings_rounding or logits_gap > max_reference_gap * scale:
         raise ValueError(f"{name}: eager and the reference are not the same model: embeddings differ by "
                          f"{embeddings_gap:.3g} (rounding {embeddings_rounding:.3g}), logits by {logits_gap:.3g} "
-                         f"(allowed {max_reference_gap:g} x {scale:.3g})")
+                         f"at the median position (allowed {max_reference_gap:g} x {scale:.3g})")
 
     layers = first_diverging_layer(out.hidden_states, eager_out.hidden_states, reference_out.hidden_states,
                                    attention_mask, factor, slack, name=name)

@@ -108,7 +108,8 @@ def synchronize(device) -> None:
 FLUSH_BYTES = 256 * 1024 * 1024
 
 
-def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2: bool = True) -> list[float]:
+def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2: bool = True,
+                   estimate_calls: int = 5) -> list[float]:
     """Seconds of each of `repeats` calls of fn() after `warmup` untimed calls, measured the way
     `triton.testing.do_bench` measures (read from triton-lang/triton python/triton/testing.py and
     its NVIDIA driver's get_empty_cache_for_benchmark/clear_cache).
@@ -118,11 +119,14 @@ def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2:
     cache, so the flush is queued but outside the timed span; warm-up calls are not flushed; calls
     are queued back to back with no synchronisation between them (the GPU never idles waiting for
     the host) and ONE synchronisation at the end; each call's time is its own event pair's
-    elapsed_time; the flush buffer is do_bench's 256 MiB. Not matched:
-    `warmup` and `repeats` are call counts (pytest-benchmark's rounds) where do_bench derives them
-    from a 5-call estimate and millisecond budgets (warmup=25, rep=100), and that estimate's extra
-    flushed calls are not made; no grad_to_none; the per-call times are returned, not a
-    mean/median/quantiles (pytest-benchmark computes those). On CPU: `warmup` calls, then
+    elapsed_time; the flush buffer is do_bench's 256 MiB; before the warm-up, do_bench's estimate:
+    `estimate_calls` (5) flushed calls and a synchronisation. That estimate matters on a
+    power-limited kernel: without it the timed calls started on a GPU that had idled, and the
+    H200's 16384^3 bf16 matmul read 2.1-4.7 % faster than do_bench in three gates (session 6),
+    while the SDPA and unflushed back-to-back timings agreed. Not matched: `warmup` and `repeats`
+    are call counts (pytest-benchmark's rounds) where do_bench derives them from the estimate and
+    millisecond budgets (warmup=25, rep=100); no grad_to_none; the per-call times are returned, not
+    a mean/median/quantiles (pytest-benchmark computes those). On CPU: `warmup` calls, then
     perf_counter around each call (nothing to flush or synchronise)."""
     import torch
 
@@ -140,6 +144,11 @@ def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2:
         cache = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush_l2 else None
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        for _ in range(estimate_calls):
+            if cache is not None:
+                cache.zero_()
+            fn()
+        torch.cuda.synchronize(device)
         for _ in range(warmup):
             fn()
         for start, end in zip(starts, ends):

@@ -1,0 +1,46 @@
+"""harness.compare's rounding term and the reference sanity statistic, on hand-made tensors."""
+
+import pytest
+import torch
+
+from harness.compare import compare_tensors, reference_rounding, typical_position_error
+
+
+@pytest.mark.parametrize("dtype, value, half_ulp", [
+    (torch.bfloat16, 488.0, 1.0),         # [256, 512): ulp 2 in bf16
+    (torch.bfloat16, 0.3, 2.0 ** -10),    # [0.25, 0.5): ulp 2^-9
+    (torch.float16, 1000.0, 0.25),        # [512, 1024): ulp 0.5 in fp16
+    (torch.float32, 1.0, 2.0 ** -24),     # [1, 2): ulp 2^-23
+])
+def test_rounding_is_half_an_ulp_of_the_largest_value(dtype, value, half_ulp):
+    ref = torch.tensor([0.01, -value, value / 3], dtype=torch.float64)
+    assert reference_rounding(ref, dtype) == half_ulp
+
+
+def test_rounding_ignores_masked_positions_and_nan():
+    ref = torch.tensor([[1.0, 1e6], [float("nan"), 2.0]], dtype=torch.float64)
+    keep = torch.tensor([[True, False], [True, True]])
+    assert reference_rounding(ref, torch.bfloat16, keep) == 2.0 ** -7  # 2.0: ulp 2^-6 in bf16
+
+
+def test_one_bf16_rounding_of_a_large_activation_is_within_the_rule():
+    """H200, SmolLM2-135M layer 3: out 494 vs ref 488.5 while eager read 488 (error 0.5): three ulps of
+    a value whose ulp is 2 are rounding, not a wrong kernel; ten are not."""
+    ref = torch.tensor([488.505, 1.0], dtype=torch.float64)
+    baseline = torch.tensor([488.0, 1.0], dtype=torch.bfloat16)
+    near = compare_tensors(torch.tensor([494.0, 1.0], dtype=torch.bfloat16), baseline, ref, factor=8, slack_floor=0.0625)
+    far = compare_tensors(torch.tensor([508.0, 1.0], dtype=torch.bfloat16), baseline, ref, factor=8, slack_floor=0.0625)
+    assert near.passed and near.slack == 2.0, near.message
+    assert not far.passed, far.message
+
+
+def test_typical_position_error_is_the_median_position_not_the_worst():
+    a = torch.zeros(1, 5, 4)
+    b = a.clone()
+    b[0, 0, 1] = 14.8               # one drifting position
+    b[0, 1:, 2] = 0.5               # every other position 0.5 off
+    assert typical_position_error(a, b) == 0.5
+    keep = torch.tensor([[True, True, False, False, False]])
+    assert typical_position_error(a, b, keep) in (0.5, 14.8)  # median of two kept positions (lower one)
+    b[0, 1:, 2] = 30.0              # another model: far everywhere
+    assert typical_position_error(a, b) == 30.0
