@@ -105,10 +105,11 @@ _PRECISION_BITS = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torc
 
 
 def reference_rounding(ref: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None = None) -> float:
-    """The largest rounding error of ``ref`` stored in ``dtype``: half a unit in the last place of its
-    largest kept value. (FA3's estimate, max |(ref + 0.3 - 0.3) - ref|, reads 0 wherever ulp/2 > 0.3:
-    bf16 hidden states of ~500, whose ulp is 2, seen on the H200 as an error of 2.75 ulp judged
-    against a slack of 0.06.)"""
+    """The rounding of ``ref`` in ``dtype``: the larger of FA3's estimate, max |(ref + 0.3 - 0.3) - ref|
+    (the rounding of values near 0.3-0.6, where attention outputs live), and half a unit in the last
+    place of the largest kept value. FA3's estimate alone reads 0 wherever ulp/2 > 0.3: bf16 hidden
+    states of ~500, whose ulp is 2, were seen on the H200 as an error of 2.75 ulp judged against a
+    slack of 0.06."""
     bits = _PRECISION_BITS.get(dtype)
     if bits is None:
         raise ValueError(f"no rounding model for {dtype}; known: {', '.join(map(str, _PRECISION_BITS))}")
@@ -117,10 +118,10 @@ def reference_rounding(ref: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor
     if m is not None:
         kept = torch.where(m, kept, torch.zeros((), dtype=kept.dtype, device=kept.device))
     largest = float(torch.nan_to_num(kept, nan=0.0, posinf=0.0).max()) if kept.numel() else 0.0
-    if largest == 0.0:
-        return 0.0
     _, exponent = math.frexp(largest)  # largest = m * 2**exponent, 0.5 <= m < 1
-    return 2.0 ** (exponent - bits) / 2
+    half_ulp = 2.0 ** (exponent - bits) / 2 if largest else 0.0
+    r = torch.nan_to_num(ref.detach().to(dtype), nan=0.0, posinf=0.0, neginf=0.0)  # never an infinite slack
+    return max(half_ulp, max_abs_error((r + 0.3) - 0.3, r, mask))
 
 
 def typical_position_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
@@ -157,6 +158,11 @@ def compare_tensors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor
     ``statistic`` "max" compares the largest errors, "rms" the root-mean-square errors (slack: the
     floor alone, see below).
     """
+    finite = torch.isfinite(ref.detach())
+    keep = _expand_mask(mask, finite)
+    if not bool(finite[keep].all() if keep is not None else finite.all()):
+        # inf - inf is NaN, counted as an infinite error on both sides: inf <= factor x inf would pass
+        raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
     diff = _abs_diff(out, ref, mask)
     worst = _unravel(int(diff.argmax()), diff.shape) if diff.numel() else ()
     if statistic == "max":

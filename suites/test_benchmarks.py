@@ -249,32 +249,45 @@ def _large_sdpa(device, dtype):
     return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+# do_bench (A) and the harness (B) alternate in adjacent pairs, each order as often: a steady drift
+# falls on both alike, and 8 pairs give a median that one disturbed pair cannot move
+TIMER_BLOCK_ORDER = ("AB", "BA") * 4
+
+
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="timer vs do_bench", **REPLAYED)
 @pytest.mark.parametrize("workload", ["matmul 16384^3", "causal SDPA 8x32x8192x128"])
 def test_harness_timer_agrees_with_triton_do_bench(benchmark, workload, device, dtype, tolerances, record_result):
-    """What a single-call benchmark reports (do_bench_times replayed into pytest-benchmark: its
-    median) must be within ±timer_agreement_rel of triton.testing.do_bench's median. The older
-    timers are recorded beside it for comparison, not checked. Alone on a GPU:
+    """What a single-call benchmark reports (do_bench_times, replayed into pytest-benchmark) must be
+    within ±timer_agreement_rel of triton.testing.do_bench: the median over adjacent pairs of blocks
+    of (harness block median / do_bench median - 1). pytest-benchmark's own median over every
+    harness call is recorded beside it, and so are the older timers, for comparison. Alone on a GPU:
     pytest suites/test_benchmarks.py -k "do_bench or device_" --device cuda --model tiny:llama"""
     triton_testing = pytest.importorskip("triton.testing")
     fn = (_large_matmul if workload.startswith("matmul") else _large_sdpa)(device, dtype)
     # Measured one after the other on the H200 (do_bench first), the harness read +2.4 % (matmul) and
     # +2.3 % (SDPA), its minimum equal to do_bench's median: under sustained load a GPU's clocks
     # drift (power, temperature), and what runs later pays. So the GPU is brought to its sustained
-    # state first, and do_bench (A) and the harness (B) alternate A B B A A B B A: a steady drift
-    # falls on both alike.
+    # state first, and the two alternate in adjacent pairs (TIMER_BLOCK_ORDER).
     triton_testing.do_bench(fn, warmup=300, rep=300)
-    reference, times = [], []
-    for block in "ABBAABBA":
-        if block == "A":
-            reference.append(triton_testing.do_bench(fn, warmup=25, rep=250, return_mode="median"))
-        else:
-            times += do_bench_times(fn, device, warmup=2, repeats=20)  # ~ do_bench rep=250 ms of 12 ms calls
-    reference_ms = statistics.median(reference)
+    pairs, times = [], []  # (do_bench median, harness median) of adjacent blocks, in seconds
+    for order in TIMER_BLOCK_ORDER:
+        reading = {}
+        for block in order:
+            if block == "A":
+                reading["A"] = triton_testing.do_bench(fn, warmup=25, rep=250, return_mode="median") / 1e3
+            else:
+                block_times = do_bench_times(fn, device, warmup=2, repeats=20)  # ~ do_bench rep=250 ms of 12 ms calls
+                reading["B"] = statistics.median(block_times)
+                times += block_times
+        pairs.append((reading["A"], reading["B"]))
+    # each pair ran within half a second: the ratio of a pair cancels the GPU's clock drift over the
+    # test (seen on the H200: do_bench's own median moved 7.86-8.14 ms between gates)
+    pair_errors = [b / a - 1 for a, b in pairs]
+    reference_ms = statistics.median(a for a, _ in pairs) * 1e3
     replay_times(benchmark, times)
-    reported = benchmark.stats.stats.median if benchmark.enabled else statistics.median(times)
-    medians_ms = {"benchmark (do_bench_times replayed)": reported * 1e3}
+    paired_error = statistics.median(pair_errors)
+    medians_ms = {"benchmark (do_bench_times replayed)": reference_ms * (1 + paired_error)}
     for name, method in (("device_timer", "timer"), ("CUDA events back to back, no L2 flush", "events"),
                          ("synchronize + perf_counter", "host_sync")):
         medians_ms[name] = statistics.median(time_calls(fn, device, warmup=5, repeats=30, method=method)) * 1e3
@@ -286,8 +299,11 @@ def test_harness_timer_agrees_with_triton_do_bench(benchmark, workload, device, 
         record_result("timer vs do_bench", f"{name} ms / do_bench ms - 1", round(error, 4),
                       threshold=f"±{tolerances.timer_agreement_rel}" if is_checked else "recorded",
                       passed=abs(error) <= tolerances.timer_agreement_rel if is_checked else None, where=workload,
-                      harness_ms=round(ms, 4), do_bench_ms=round(reference_ms, 4))
-    ms = medians_ms[checked]
-    assert abs(ms / reference_ms - 1) <= tolerances.timer_agreement_rel, (
-        f"{workload}: harness {checked} median {ms:.4f} ms vs triton do_bench {reference_ms:.4f} ms "
-        f"({(ms / reference_ms - 1) * 100:+.2f}%, limit ±{tolerances.timer_agreement_rel * 100:g}%)")
+                      harness_ms=round(ms, 4), do_bench_ms=round(reference_ms, 4),
+                      **({"pair_errors": [round(e, 4) for e in pair_errors],
+                          "pytest_benchmark_median_ms": round(benchmark.stats.stats.median * 1e3, 4)
+                          if benchmark.enabled else None} if is_checked else {}))
+    assert abs(paired_error) <= tolerances.timer_agreement_rel, (
+        f"{workload}: harness {checked} vs triton do_bench in adjacent blocks: median difference "
+        f"{paired_error * 100:+.2f}% (pairs: {', '.join(f'{e * 100:+.1f}%' for e in pair_errors)}; "
+        f"do_bench median {reference_ms:.4f} ms), limit ±{tolerances.timer_agreement_rel * 100:g}%")

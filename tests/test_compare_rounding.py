@@ -8,13 +8,19 @@ from harness.compare import compare_tensors, reference_rounding, typical_positio
 
 @pytest.mark.parametrize("dtype, value, half_ulp", [
     (torch.bfloat16, 488.0, 1.0),         # [256, 512): ulp 2 in bf16
-    (torch.bfloat16, 0.3, 2.0 ** -10),    # [0.25, 0.5): ulp 2^-9
     (torch.float16, 1000.0, 0.25),        # [512, 1024): ulp 0.5 in fp16
-    (torch.float32, 1.0, 2.0 ** -24),     # [1, 2): ulp 2^-23
+    (torch.float32, 3.0, 2.0 ** -23),     # [2, 4): ulp 2^-22
 ])
-def test_rounding_is_half_an_ulp_of_the_largest_value(dtype, value, half_ulp):
-    ref = torch.tensor([0.01, -value, value / 3], dtype=torch.float64)
+def test_rounding_is_half_an_ulp_of_a_large_value(dtype, value, half_ulp):
+    ref = torch.tensor([-value, value / 3], dtype=torch.float64)
     assert reference_rounding(ref, dtype) == half_ulp
+
+
+def test_rounding_of_small_values_is_never_below_fa3s_estimate():
+    ref = torch.tensor([0.01, -0.07, 0.05], dtype=torch.float64)
+    r = ref.to(torch.bfloat16)
+    fa3 = float(((r + 0.3) - 0.3 - r).abs().max())
+    assert fa3 > 0 and reference_rounding(ref, torch.bfloat16) == fa3
 
 
 def test_rounding_ignores_masked_positions_and_nan():
@@ -44,3 +50,12 @@ def test_typical_position_error_is_the_median_position_not_the_worst():
     assert typical_position_error(a, b, keep) in (0.5, 14.8)  # median of two kept positions (lower one)
     b[0, 1:, 2] = 30.0              # another model: far everywhere
     assert typical_position_error(a, b) == 30.0
+
+
+def test_a_reference_with_nan_decides_nothing():
+    ref = torch.tensor([1.0, float("nan")], dtype=torch.float64)
+    out = torch.tensor([5.0, 7.0])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        compare_tensors(out, out, ref, factor=2, slack_floor=1e-5)
+    keep = torch.tensor([True, False])  # a NaN where nothing is compared is no obstacle
+    assert not compare_tensors(out, torch.tensor([1.0, 0.0]), ref, factor=2, slack_floor=1e-5, mask=keep).passed
