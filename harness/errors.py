@@ -3,3 +3,9 @@
 
 class HarnessUsageError(Exception):
     """Bad input from the user: the message is one line that says what to change."""
+
+
+class VariantRefused(HarnessUsageError):
+    """The model loads, but transformers refuses one variant of it (an attention implementation it
+    does not support, e.g. SDPA for Gemma-2's logit softcapping): a property of the model, so the
+    checks that need the variant skip with this message instead of failing."""

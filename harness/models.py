@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import DEFAULT_MODEL, cache_root
-from harness.errors import HarnessUsageError
+from harness.errors import HarnessUsageError, VariantRefused
 from harness.presets import PRESETS, TINY_PRESETS, get_preset
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -299,8 +299,10 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
             raise HarnessUsageError(f"--model {spec.name}: not in the local Hugging Face cache and this run is offline ({_first_line(exc)})") from None
         raise HarnessUsageError(f"--model {spec.name}: cannot load ({_first_line(exc)})") from None
     except Exception as exc:  # transformers raises many types for unusable checkpoints
-        raise HarnessUsageError(f"--model {spec.name}: cannot load with attn_implementation={attn_implementation} "
-                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+        # eager is the variant every model has: refusing another one is the model's property, not bad input
+        error = VariantRefused if attn_implementation != "eager" and quantization_config is None else HarnessUsageError
+        raise error(f"--model {spec.name}: cannot load with attn_implementation={attn_implementation} "
+                    f"({type(exc).__name__}: {_first_line(exc)})") from None
     if quantization_config is None:
         model.to(torch.device(device))
     model.eval()

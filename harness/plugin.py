@@ -15,7 +15,7 @@ import pytest
 
 from harness import capabilities as caps_mod
 from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
-from harness.errors import HarnessUsageError
+from harness.errors import HarnessUsageError, VariantRefused
 from harness.results import Result
 from harness.run_times import RunTimes, compile_seconds_so_far
 
@@ -265,9 +265,12 @@ def require(request):
 
 
 def _usage_guard(fn, *args, **kwargs):
-    """Run a loader; a HarnessUsageError fails the test with its one line and no traceback."""
+    """Run a loader; a HarnessUsageError fails the test with its one line and no traceback
+    (a VariantRefused passes through: the caller turns it into a skip)."""
     try:
         return fn(*args, **kwargs)
+    except VariantRefused:
+        raise
     except HarnessUsageError as exc:
         message = str(exc)
     pytest.fail(message, pytrace=False)
@@ -295,10 +298,12 @@ class ModelFactory:
 
     variant_memory_share = 0.25
 
-    def __init__(self, spec, device, dtype, keep: int = 3):
+    def __init__(self, spec, device, dtype, keep: int = 3, on_refusal=None):
         self.spec, self.device, self.dtype, self.keep = spec, device, dtype, keep
         self._cache: dict[tuple, object] = {}
         self._base_key = ("eager", str(dtype), None)
+        self.refused: dict[str, str] = {}  # attn_implementation -> transformers' reason, asked once
+        self._on_refusal = on_refusal
 
     def __call__(self, attn_implementation: str = "eager", dtype=None, quantization=None, quantization_config=None):
         """quantization: a hashable name for the scheme; quantization_config: the transformers config."""
@@ -306,11 +311,21 @@ class ModelFactory:
 
         dtype = dtype or self.dtype
         key = (attn_implementation, str(dtype), quantization)
+        if attn_implementation in self.refused:
+            pytest.skip(self.refused[attn_implementation])
         if key not in self._cache:
             self._make_room(key)
-            self._cache[key] = _usage_guard(load_model, self.spec, device=self.device, dtype=dtype,
-                                            attn_implementation=attn_implementation,
-                                            quantization_config=quantization_config)
+            try:
+                self._cache[key] = _usage_guard(load_model, self.spec, device=self.device, dtype=dtype,
+                                                attn_implementation=attn_implementation,
+                                                quantization_config=quantization_config)
+            except VariantRefused as exc:
+                why = str(exc).split("(", 1)[-1].rstrip(")").split(". ")[0]  # transformers' first sentence
+                reason = f"{self.spec.name} refuses attn_implementation={attn_implementation} (transformers: {why})"
+                self.refused[attn_implementation] = reason
+                if self._on_refusal is not None:
+                    self._on_refusal(attn_implementation, reason)
+                pytest.skip(reason)
         else:
             self._cache[key] = self._cache.pop(key)  # most recently used last
         return self._cache[key]
@@ -354,8 +369,14 @@ def _free_device_memory(device) -> None:
 
 
 @pytest.fixture(scope="session")
-def model_factory(model_spec, device, dtype):
-    factory = ModelFactory(model_spec, device, dtype)
+def model_factory(model_spec, device, dtype, request):
+    records = _state(request.config)["records"]
+
+    def record_refusal(attn_implementation: str, reason: str) -> None:  # the model's own capability matrix
+        records.append(Result(suite="harness", check="model capability", metric=f"attn_implementation={attn_implementation}",
+                              value="refused", where=model_spec.name, details={"reason": reason}))
+
+    factory = ModelFactory(model_spec, device, dtype, on_refusal=record_refusal)
     yield factory
     factory.clear()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 import time
 from dataclasses import dataclass
 
@@ -114,12 +115,30 @@ def base_implementation(impl: str) -> str:
     return impl.removeprefix("paged|")
 
 
-def model_support_reason(model) -> str | None:
-    """None when the model can be served with paged attention, else why not."""
+# What a model's own code raises when it was not written for the paged cache's calling convention
+# (seen: GPT-NeoX in transformers 5.24 calls cache.update(k, v, layer_idx) without the kwargs
+# PagedAttentionCache.update requires). A crash of any other kind stays a failure.
+_PAGED_API_MISMATCH = re.compile(r"PagedAttentionCache\.\w+\(\) (missing \d+ required|got an unexpected)")
+
+
+def model_support_reason(model, impl: str = "paged|eager") -> str | None:
+    """None when the model can be served with paged attention, else why not: it cannot switch to a
+    paged implementation, or its modeling code does not call the paged cache the way continuous
+    batching needs (a one-request probe on the model itself; the same probe passed on a tiny Llama)."""
     can_set = getattr(model, "_can_set_attn_implementation", None)
     if callable(can_set) and not can_set():
         return (f"{type(model).__name__} does not use transformers' AttentionInterface, so it cannot switch to a "
                 "paged attention implementation (continuous batching needs one)")
+    try:
+        generate_batch(model, impl, {"probe": list(range(10, 22))},
+                       ServingSettings(new_tokens=2, num_blocks=8, max_batch_tokens=16, timeout_s=60), [])
+    except RuntimeError as exc:
+        mismatch = _PAGED_API_MISMATCH.search(str(exc))
+        if mismatch:
+            import transformers
+
+            return (f"{type(model).__name__}'s modeling code does not support continuous batching in transformers "
+                    f"{transformers.__version__}: {mismatch.group(0)}...")
     return None
 
 

@@ -77,8 +77,14 @@ def alone(reference_model, serving_prompts, pad, serving_settings):
     return Alone()
 
 
+@pytest.fixture(scope="session")
+def serving_support():
+    """(impl, model name) -> why the model cannot be served (None: it can), probed once per run."""
+    return {}
+
+
 @pytest.fixture
-def served_model(model_factory, device, dtype, run_config):
+def served_model(model_factory, device, dtype, run_config, serving_support):
     """served_model(impl) -> the model variant to serve with `impl`, or a skip that says why."""
 
     def get(impl: str):
@@ -89,7 +95,9 @@ def served_model(model_factory, device, dtype, run_config):
         if reason:
             pytest.skip(f"does not run here: {reason}")
         model = model_factory(base)  # "eager" is the reference model itself
-        reason = serving.model_support_reason(model)
+        if (impl, model_factory.spec.name) not in serving_support:
+            serving_support[impl, model_factory.spec.name] = serving.model_support_reason(model, impl)
+        reason = serving_support[impl, model_factory.spec.name]
         if reason:
             pytest.skip(reason)
         return model
