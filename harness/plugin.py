@@ -475,15 +475,17 @@ class _OutcomeRecorder:
 
 
 def _outcome_row(report) -> dict:
-    reason = ""
-    if report.skipped and isinstance(report.longrepr, tuple):
+    reason, outcome = "", report.outcome
+    if getattr(report, "wasxfail", None) is not None:  # pytest reports an expected failure as "skipped"
+        reason, outcome = str(report.wasxfail), "xfailed"
+    elif report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[2]).removeprefix("Skipped: ")
     elif report.failed:
         crash = getattr(report.longrepr, "reprcrash", None)
         reason = crash.message.splitlines()[0] if crash is not None and crash.message else str(report.longrepr).splitlines()[-1]
     path = report.nodeid.split("::")[0]
     return {"nodeid": report.nodeid, "suite": Path(path).stem, "when": report.when,
-            "outcome": report.outcome, "duration_s": round(report.duration, 4), "reason": reason[:500]}
+            "outcome": outcome, "duration_s": round(report.duration, 4), "reason": reason[:500]}
 
 
 def pytest_sessionfinish(session, exitstatus):

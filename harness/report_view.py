@@ -783,7 +783,8 @@ def build_view(summary: dict, benchmarks: dict | None = None, comparisons=(), *,
         headline = "No failures: every check passed or was skipped with its reason."
     errors = outcomes.get("error", 0)
     headline += (f" {outcomes.get('passed', 0)} passed, {outcomes.get('failed', 0)} failed, "
-                 f"{errors} error{'s' * (errors != 1)}, {outcomes.get('skipped', 0)} skipped ({total} test phases).")
+                 f"{errors} error{'s' * (errors != 1)}, {outcomes.get('skipped', 0)} skipped"
+                 + (f", {outcomes['xfailed']} expected to fail" if outcomes.get("xfailed") else "") + f" ({total} test phases).")
     env = summary.get("environment", {})
     facts = []
     for m in summary.get("models", []):
