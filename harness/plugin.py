@@ -16,7 +16,7 @@ import pytest
 from harness import capabilities as caps_mod
 from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
 from harness.errors import HarnessUsageError, VariantRefused
-from harness.results import Result
+from harness.results import MODEL_CAPABILITY, Result
 from harness.run_times import RunTimes, compile_seconds_so_far
 
 _STATE_KEY = pytest.StashKey[dict]()
@@ -373,7 +373,7 @@ def model_factory(model_spec, device, dtype, request):
     records = _state(request.config)["records"]
 
     def record_refusal(attn_implementation: str, reason: str) -> None:  # the model's own capability matrix
-        records.append(Result(suite="harness", check="model capability", metric=f"attn_implementation={attn_implementation}",
+        records.append(Result(suite="harness", check=MODEL_CAPABILITY, metric=f"attn_implementation={attn_implementation}",
                               value="refused", where=model_spec.name, details={"reason": reason}))
 
     factory = ModelFactory(model_spec, device, dtype, on_refusal=record_refusal)

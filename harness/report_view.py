@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.memory import SCALING_CHECK
+from harness.results import MODEL_CAPABILITY
 from harness.report_text import (NOISE_LIMIT, byte_unit, clean_reason, fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct,
                                  fmt_rate, fmt_signed_pct, fmt_threshold, is_number, one_line, shorten, slug,
                                  strip_paths)
@@ -570,7 +571,8 @@ def _heat_mark(v: float) -> str:
 
 def capability_section(summary: dict) -> Section:
     section = Section("Capability matrix",
-                      intro="What really runs on this device and dtype; tests needing what does not skip with this reason.")
+                      intro="What really runs on this device and dtype, and what the model under test refused "
+                            "(category \"model …\"); tests needing what does not skip with this reason.")
     body = [[Cell(c.get("name", "")), Cell(c.get("category", "")),
              Cell("yes", "pass") if c.get("available") else Cell("no", "muted"),
              Cell(clean_reason(c.get("reason", ""), 300))] for c in summary.get("capabilities", [])]
@@ -584,7 +586,7 @@ def capability_section(summary: dict) -> Section:
 def _consumed(r: dict) -> bool:
     """Rows shown by a table above instead of the generic measurement tables."""
     check = r.get("check", "")
-    return (check.startswith("speed (") or check == SCALING_CHECK or check in ("niah", "niah cell", "niah heatmap")
+    return (check.startswith("speed (") or check in (SCALING_CHECK, MODEL_CAPABILITY, "niah", "niah cell", "niah heatmap")
             or bool(r.get("details", {}).get("section")))
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+# the check name of a variant the model under test refused (plugin's model factory); the report
+# shows these rows in the capability matrix
+MODEL_CAPABILITY = "model capability"
+
 
 @dataclass
 class Result:

@@ -6,6 +6,7 @@ entropy over the bundled prose vs uniform) and makes quality checks expected fai
 explanation; the trained default model is not flagged.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -79,10 +80,14 @@ def test_a_refused_attention_implementation_is_the_models_skip_not_a_failure(pyt
     suites = Path(__file__).resolve().parents[1] / "suites"
     result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "-rs",
                                           str(suites / "test_attention_model.py"), "--model", str(folder),
-                                          "-k", "single or cached_decode")
+                                          "-k", "single or cached_decode", "--report-dir", str(pytester.path / "r"))
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, outcomes
     result.stdout.fnmatch_lines(["*refuses attn_implementation=sdpa (transformers: *Gemma2ForCausalLM does not support*"])
+    matrix = json.loads(next((pytester.path / "r").glob("*/capabilities.json")).read_text())
+    refused = [row for row in matrix if row["category"] == f"model {folder.name}"]
+    assert [(row["name"], row["available"]) for row in refused] == [("sdpa", False)], refused
+    assert "Gemma2ForCausalLM does not support" in refused[0]["reason"]
 
 
 def test_a_model_whose_code_cannot_serve_paged_skips_the_serving_suite_with_the_reason(pytester, checkpoint_of):
