@@ -255,6 +255,18 @@ def model_source_dir(spec: ModelSpec) -> str:
     return spec.location
 
 
+def model_config(spec: ModelSpec):
+    """The transformers config of the model under test, without its weights."""
+    if spec.kind == "preset":
+        from harness.presets import get_preset
+
+        return get_preset(spec.name).make_config()
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_source_dir(spec), local_files_only=True,
+                                      trust_remote_code=spec.allow_remote_code)
+
+
 def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 

@@ -16,7 +16,8 @@ import pytest
 from harness import capabilities as caps_mod
 from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
 from harness.errors import HarnessUsageError, VariantRefused
-from harness.results import MODEL_CAPABILITY, Result
+from harness.model_capabilities import model_category, refusal_reason, refusals
+from harness.results import Result, skip_outcome
 from harness.run_times import RunTimes, compile_seconds_so_far
 
 _STATE_KEY = pytest.StashKey[dict]()
@@ -161,6 +162,17 @@ def _capabilities(config):
     return state["caps"]
 
 
+def _model_capabilities(config, spec) -> list:
+    """The model's own rows (harness.model_capabilities), probed once per model and run; the model
+    factory appends a refusal that only loading revealed."""
+    table = _state(config).setdefault("model_caps", {})
+    if spec.name not in table:
+        from harness.model_capabilities import probe_model
+
+        table[spec.name] = list(probe_model(spec, _capabilities(config)))
+    return table[spec.name]
+
+
 def pytest_report_header(config):
     state = _state(config)
     import torch
@@ -170,7 +182,12 @@ def pytest_report_header(config):
              f"harness: device {state['device']}, dtype {str(state['dtype']).removeprefix('torch.')}, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
              "harness capabilities:"]
-    return lines + caps_mod.as_table(_capabilities(config))
+    lines += caps_mod.as_table(_capabilities(config))
+    for spec in state["specs"]:
+        rows = _model_capabilities(config, spec)
+        lines.append(f"harness model {spec.name}: accepts {', '.join(c.name for c in rows if c.available) or 'nothing probed'}")
+        lines += [f"  {c.name}  no   {c.reason}" for c in rows if not c.available]
+    return lines
 
 
 def pytest_generate_tests(metafunc):
@@ -298,11 +315,13 @@ class ModelFactory:
 
     variant_memory_share = 0.25
 
-    def __init__(self, spec, device, dtype, keep: int = 3, on_refusal=None):
+    def __init__(self, spec, device, dtype, keep: int = 3, refused=None, on_refusal=None):
         self.spec, self.device, self.dtype, self.keep = spec, device, dtype, keep
         self._cache: dict[tuple, object] = {}
         self._base_key = ("eager", str(dtype), None)
-        self.refused: dict[str, str] = {}  # attn_implementation -> transformers' reason, asked once
+        # attn_implementation -> transformers' reason: from the model's capability probe, or found
+        # by a load (then on_refusal records it)
+        self.refused: dict[str, str] = dict(refused or {})
         self._on_refusal = on_refusal
 
     def __call__(self, attn_implementation: str = "eager", dtype=None, quantization=None, quantization_config=None):
@@ -320,8 +339,7 @@ class ModelFactory:
                                                 attn_implementation=attn_implementation,
                                                 quantization_config=quantization_config)
             except VariantRefused as exc:
-                why = str(exc).split("(", 1)[-1].rstrip(")").split(". ")[0]  # transformers' first sentence
-                reason = f"{self.spec.name} refuses attn_implementation={attn_implementation} (transformers: {why})"
+                reason = refusal_reason(self.spec.name, attn_implementation, str(exc).split("(", 1)[-1].rstrip(")"))
                 self.refused[attn_implementation] = reason
                 if self._on_refusal is not None:
                     self._on_refusal(attn_implementation, reason)
@@ -370,13 +388,12 @@ def _free_device_memory(device) -> None:
 
 @pytest.fixture(scope="session")
 def model_factory(model_spec, device, dtype, request):
-    records = _state(request.config)["records"]
+    rows = _model_capabilities(request.config, model_spec)
 
-    def record_refusal(attn_implementation: str, reason: str) -> None:  # the model's own capability matrix
-        records.append(Result(suite="harness", check=MODEL_CAPABILITY, metric=f"attn_implementation={attn_implementation}",
-                              value="refused", where=model_spec.name, details={"reason": reason}))
+    def record_refusal(attn_implementation: str, reason: str) -> None:
+        rows.append(caps_mod.Capability(attn_implementation, model_category(model_spec.name), False, reason))
 
-    factory = ModelFactory(model_spec, device, dtype, on_refusal=record_refusal)
+    factory = ModelFactory(model_spec, device, dtype, refused=refusals(rows), on_refusal=record_refusal)
     yield factory
     factory.clear()
 
@@ -480,6 +497,7 @@ def _outcome_row(report) -> dict:
         reason, outcome = str(report.wasxfail), "xfailed"
     elif report.skipped and isinstance(report.longrepr, tuple):
         reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        outcome = skip_outcome(reason)
     elif report.failed:
         crash = getattr(report.longrepr, "reprcrash", None)
         reason = crash.message.splitlines()[0] if crash is not None and crash.message else str(report.longrepr).splitlines()[-1]

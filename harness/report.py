@@ -26,7 +26,6 @@ from pathlib import Path
 
 from harness import report_text as text
 from harness.report_view import Limits, ReportView, build_view
-from harness.results import MODEL_CAPABILITY
 
 # GitHub rejects a job summary over 1 MiB; keep report.md under this many bytes.
 MD_LIMIT_BYTES = 1_000_000
@@ -100,16 +99,10 @@ def build_summary(state, caps, exitstatus: int) -> dict:
         "suite_times": state["run_times"].rows() if state.get("run_times") else [],
         "outcomes": outcomes,
         "results": [r.to_dict() for r in state["records"]],
-        "capabilities": [c.to_dict() for c in caps] + _model_capabilities(state["records"]),
+        "capabilities": [c.to_dict() for c in caps] + [c.to_dict() for rows in state.get("model_caps", {}).values()
+                                                        for c in rows],
         "tracebacks": state.get("failure_texts") or {},
     }
-
-
-def _model_capabilities(records) -> list[dict]:
-    """What the model under test refused (recorded by the model factory) as rows of the matrix:
-    the device can run the backend, this model cannot use it."""
-    return [{"name": r.metric.split("=", 1)[-1], "category": f"model {r.where}", "available": False,
-             "reason": r.details.get("reason", "")} for r in records if r.check == MODEL_CAPABILITY]
 
 
 def _run_options(run) -> dict:

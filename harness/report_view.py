@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.memory import SCALING_CHECK
-from harness.results import MODEL_CAPABILITY
+from harness.results import INCONCLUSIVE
 from harness.report_text import (NOISE_LIMIT, byte_unit, clean_reason, fmt_bytes, fmt_int, fmt_ms, fmt_num, fmt_pct,
                                  fmt_rate, fmt_signed_pct, fmt_threshold, is_number, one_line, shorten, slug,
                                  strip_paths)
@@ -315,11 +315,11 @@ def why_empty(summary: dict, suite_file: str, *tests: str) -> str:
            and any(f"::{t}" in o["nodeid"] for t in tests)]
     if not fed:
         return f"Not measured: {suite_file} ({', '.join(t + '*' for t in tests)}) was not part of this run."
-    reasons = Counter(clean_reason(o.get("reason"), 160) for o in fed if o.get("outcome") == "skipped")
+    reasons = Counter(clean_reason(o.get("reason"), 160) for o in fed if o.get("outcome") in ("skipped", INCONCLUSIVE))
     if not reasons:
         return f"Not measured: {len(fed)} test(s) of {suite_file} ran but recorded nothing for this table."
     listed = "; ".join(f"{reason} ({n}×)" for reason, n in reasons.most_common(3))
-    more = f"; {len(reasons) - 3} more reasons under Skipped, and why" if len(reasons) > 3 else ""
+    more = f"; {len(reasons) - 3} more reasons under Skipped or inconclusive, and why" if len(reasons) > 3 else ""
     return f"Not measured: the tests that feed this table skipped: {listed}{more}."
 
 
@@ -586,7 +586,7 @@ def capability_section(summary: dict) -> Section:
 def _consumed(r: dict) -> bool:
     """Rows shown by a table above instead of the generic measurement tables."""
     check = r.get("check", "")
-    return (check.startswith("speed (") or check in (SCALING_CHECK, MODEL_CAPABILITY, "niah", "niah cell", "niah heatmap")
+    return (check.startswith("speed (") or check in (SCALING_CHECK, "niah", "niah cell", "niah heatmap")
             or bool(r.get("details", {}).get("section")))
 
 
@@ -683,7 +683,7 @@ def suites_section(summary: dict) -> Section:
             for counts_ in summary.get("suites", {}).values():
                 c.update(counts_)
         body.append([Cell(name), Cell(str(c.get("passed", 0))), Cell(str(c.get("failed", 0)), "fail" if c.get("failed") else None),
-                     Cell(str(c.get("skipped", 0))), Cell(str(c.get("error", 0)), "fail" if c.get("error") else None)]
+                     Cell(str(c.get("skipped", 0) + c.get(INCONCLUSIVE, 0))), Cell(str(c.get("error", 0)), "fail" if c.get("error") else None)]
                     + [Cell(f"{t[k]:.1f}" if is_number(t.get(k)) else "n/a") for k in ("setup_s", "compile_s", "measure_s", "total_s")])
     section.tables.append(Table(["suite", "passed", "failed", "skipped", "errors", "set-up s", "compile s", "measure s",
                                  "total s"], body, ["l"] + ["r"] * 8,
@@ -693,10 +693,10 @@ def suites_section(summary: dict) -> Section:
 
 
 def skips_section(summary: dict, limits: Limits) -> Section:
-    section = Section("Skipped, and why", collapsed=True)
+    section = Section("Skipped or inconclusive, and why", collapsed=True)
     reasons: dict[str, Counter] = defaultdict(Counter)
     for o in summary.get("outcomes", []):
-        if o.get("outcome") == "skipped":
+        if o.get("outcome") in ("skipped", INCONCLUSIVE):  # an inconclusive reason starts with the word
             reasons[clean_reason(o.get("reason"), limits.skip_reason_chars)][o.get("suite", "?")] += 1
     ordered = sorted(reasons.items(), key=lambda kv: -sum(kv[1].values()))
     body = [[Cell(str(sum(c.values()))), Cell(reason), Cell(", ".join(sorted(c)))] for reason, c in ordered]
@@ -786,6 +786,7 @@ def build_view(summary: dict, benchmarks: dict | None = None, comparisons=(), *,
     errors = outcomes.get("error", 0)
     headline += (f" {outcomes.get('passed', 0)} passed, {outcomes.get('failed', 0)} failed, "
                  f"{errors} error{'s' * (errors != 1)}, {outcomes.get('skipped', 0)} skipped"
+                 + (f", {outcomes[INCONCLUSIVE]} inconclusive" if outcomes.get(INCONCLUSIVE) else "")
                  + (f", {outcomes['xfailed']} expected to fail" if outcomes.get("xfailed") else "") + f" ({total} test phases).")
     env = summary.get("environment", {})
     facts = []

@@ -9,9 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-# the check name of a variant the model under test refused (plugin's model factory); the report
-# shows these rows in the capability matrix
-MODEL_CAPABILITY = "model capability"
+# A check that ran but could say nothing about this model (e.g. prompt lookup that never accepted a
+# draft): the suite skips with a reason starting with this prefix, and the run records the outcome
+# "inconclusive" instead of "skipped", so the report can tell "not run" from "ran, proved nothing".
+INCONCLUSIVE = "inconclusive"
+INCONCLUSIVE_PREFIX = INCONCLUSIVE + ": "
+
+
+def inconclusive_reason(why: str) -> str:
+    return INCONCLUSIVE_PREFIX + why
+
+
+def skip_outcome(reason: str) -> str:
+    return INCONCLUSIVE if reason.startswith(INCONCLUSIVE_PREFIX) else "skipped"
 
 
 @dataclass

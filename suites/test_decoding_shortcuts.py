@@ -11,6 +11,7 @@ import pytest
 
 from harness import generation as gen
 from harness.errors import HarnessUsageError
+from harness.results import inconclusive_reason
 from harness.token_agreement import compare_runs, record_fields
 
 from harness.capabilities import older_transformers
@@ -110,7 +111,7 @@ def test_prompt_lookup_decoding_equals_plain_greedy(reference_model, model_spec,
                   passed=True if exercised else None, where=f"{len(run.tokens)} tokens",
                   **({} if exercised else {"inconclusive": "no draft accepted: the equality held but was not exercised"}))
     if not exercised:  # a statement about this model's text, not a failure of the shortcut or the harness
-        pytest.skip(f"inconclusive: prompt lookup accepted no draft on an input-grounded prompt "
+        pytest.skip(inconclusive_reason(f"prompt lookup accepted no draft on an input-grounded prompt "
                     f"({run.target_forward_calls} target forwards for {len(run.tokens)} tokens; "
                     f"{'random-weight preset' if not model_spec.trained else 'the model does not repeat its input'}): "
-                    "the outputs were equal, but no lookup path ran")
+                    "the outputs were equal, but no lookup path ran"))

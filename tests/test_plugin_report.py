@@ -25,6 +25,10 @@ def test_records(record_result):
 
 def test_fails():
     assert 1 == 2, "planted failure"
+
+def test_proves_nothing_here():
+    from harness.results import inconclusive_reason
+    pytest.skip(inconclusive_reason("the shortcut never ran on this model"))
 '''
 
 
@@ -70,8 +74,9 @@ def test_report_is_written_with_results_and_reasons(run, pytester):
     assert "| table | rows |" not in report  # whole tables are not measurement rows
     assert "<table>" in (latest / "report.html").read_text().split("Demo table", 1)[1]
     data = json.loads((latest / "results.json").read_text())
-    assert data["suites"]["test_demo"] == {"passed": 2, "failed": 1, "skipped": 2}
-    assert (latest / "junit.xml").read_text().count("<testcase") == 5
+    assert data["suites"]["test_demo"] == {"passed": 2, "failed": 1, "skipped": 2, "inconclusive": 1}
+    assert "1 inconclusive" in report and "inconclusive: the shortcut never ran on this model" in report
+    assert (latest / "junit.xml").read_text().count("<testcase") == 6
     assert json.loads((latest / "capabilities.json").read_text())[0]["name"] == "eager"
 
 
