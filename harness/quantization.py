@@ -100,6 +100,21 @@ class SchemeThresholds:
     max_kld_p99: float
     max_ln_ppl_ratio: float    # |mean ln(PPL_q / PPL_ref)|
     min_greedy_prefix: float   # mean length of the common greedy prefix on the chat prompts, tokens
+    # Band of every quantized layer's relative RMSE ||W_q - W|| / ||W||: a property of the scheme's
+    # grid, not of the weights (measured the same on trained and random-weight checkpoints, below),
+    # so it is the "really quantized" check that holds for any model.
+    min_layer_rmse: float
+    max_layer_rmse: float
+
+
+# Per-layer relative RMSE of the dequantized weight, measured on CPU (fp32 reference) over every
+# quantized layer of SmolLM2-135M (210 layers) and of random-weight GPT-NeoX and Gemma-2 checkpoints
+# (12 and 21 layers): int8 0.0063-0.0116, nf4 0.091-0.102, fp4 0.121-0.147. The bands sit ~3x outside
+# that on each side: a layer whose weight is the reference's (not quantized, or the reference
+# computed from the quantized model) reads 0; a 4-bit layer where int8 was asked reads ~10x int8's.
+INT8_LAYER_RMSE = {"min_layer_rmse": 0.002, "max_layer_rmse": 0.035}
+NF4_LAYER_RMSE = {"min_layer_rmse": 0.03, "max_layer_rmse": 0.3}
+FP4_LAYER_RMSE = {"min_layer_rmse": 0.04, "max_layer_rmse": 0.4}
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class QuantizationThresholds:
     # 0.060 / 0.093, ln PPL ratio 0.002 / 0.022 (CI windows / whole corpus).
     int8: SchemeThresholds = SchemeThresholds(
         min_top1=0.85, min_top5_overlap=0.85, max_kld_mean=0.03, max_kld_p99=0.2,
-        max_ln_ppl_ratio=0.05, min_greedy_prefix=4.0)
+        max_ln_ppl_ratio=0.05, min_greedy_prefix=4.0, **INT8_LAYER_RMSE)
     # Greedy: 12 of 12 tokens on both CI prompts on the H100 (bf16 reference); on CPU (--run-slow only:
     # LLM.int8 generation takes seconds per token there) a mean of 9.83 of 32 tokens over the 6 prompts.
     # nf4 measured top-1 0.701 / 0.742, top-5 0.748 / 0.740, KLD mean 0.236 / 0.251, KLD p99
@@ -128,19 +143,19 @@ class QuantizationThresholds:
     # Greedy: nf4 measured a common prefix of 6 and 6 tokens (of 12) on the first two chat prompts.
     nf4: SchemeThresholds = SchemeThresholds(
         min_top1=0.6, min_top5_overlap=0.6, max_kld_mean=0.45, max_kld_p99=2.5,
-        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0)
+        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0, **NF4_LAYER_RMSE)
     nf4_dq: SchemeThresholds = SchemeThresholds(
         min_top1=0.6, min_top5_overlap=0.6, max_kld_mean=0.45, max_kld_p99=2.5,
-        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0)
+        max_ln_ppl_ratio=0.4, min_greedy_prefix=3.0, **NF4_LAYER_RMSE)
     # fp4's grid is not fitted to normally distributed weights, so it rounds coarser than nf4: measured
     # top-1 0.575 / 0.640, top-5 0.662 / 0.651, KLD mean 0.436 / 0.475, KLD p99 2.05 / 2.26,
     # ln PPL ratio 0.385 / 0.397.
     fp4: SchemeThresholds = SchemeThresholds(
         min_top1=0.45, min_top5_overlap=0.5, max_kld_mean=0.9, max_kld_p99=4.5,
-        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0)
+        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0, **FP4_LAYER_RMSE)
     fp4_dq: SchemeThresholds = SchemeThresholds(
         min_top1=0.45, min_top5_overlap=0.5, max_kld_mean=0.9, max_kld_p99=4.5,
-        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0)
+        max_ln_ppl_ratio=0.8, min_greedy_prefix=1.0, **FP4_LAYER_RMSE)
     # Too-perfect agreement: a quantized model really differs from its reference. Measured int8 (the
     # closest scheme) mean KLD 0.0126; a model compared with itself gives exactly 0 (fp32) and bf16
     # re-rounding of the same weights gives ~1e-4. 1e-3 sits between with >10x margin either way.
@@ -480,6 +495,19 @@ def check_layer_gains(layers: list[LayerReconstruction], max_gain_error: float, 
     return [f"{scheme}: layer {x.name} dequantizes to {x.gain:.4f} x the reference weight (|gain - 1| "
             f"{abs(x.gain - 1):.4f} > threshold {max_gain_error:g}; relative RMSE {x.relative_rmse:.4f}): "
             "its quantization scale is wrong" for x in bad]
+
+
+def check_layer_errors(layers: list[LayerReconstruction], limits: SchemeThresholds, *, scheme: str) -> list[str]:
+    """Every quantized layer's relative RMSE inside the scheme's band: it was really quantized, and
+    with the grid the scheme names."""
+    if not layers:
+        return [f"{scheme}: no bitsandbytes layer found in the quantized model: nothing was quantized"]
+    low, high = limits.min_layer_rmse, limits.max_layer_rmse
+    out = [x for x in layers if not low <= x.relative_rmse <= high]
+    return [f"{scheme}: layer {x.name} differs from the reference weight by relative RMSE {x.relative_rmse:.5f}, "
+            f"outside {scheme}'s band [{low:g}, {high:g}]: "
+            + ("it was not really quantized (or the reference is the quantized model)" if x.relative_rmse < low
+               else "it was rounded to a coarser grid than the scheme's") for x in out]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,8 +74,33 @@ def test_unbroken_int8_passes_every_check(int8_model, int8_hidden, reference, ev
     prediction = Q.predict_footprint(reference, "int8")
     assert Q.check_footprint(int8_model.get_memory_footprint(), prediction, limits.footprint_rel_margin,
                              scheme="int8") == []
-    assert Q.check_layer_gains(Q.layer_reconstructions(reference, int8_model), limits.max_layer_gain_error,
-                               scheme="int8") == []
+    layers = Q.layer_reconstructions(reference, int8_model)
+    assert Q.check_layer_gains(layers, limits.max_layer_gain_error, scheme="int8") == []
+    assert Q.check_layer_errors(layers, limits.int8, scheme="int8") == []
+
+
+def test_reference_made_from_the_quantized_weights_fails_the_layer_band(int8_model, reference):
+    """The too-perfect fault seen without any output statistics (so also on untrained checkpoints):
+    the reference's weights are the int8 model's dequantized ones."""
+    import copy
+
+    fake_reference = copy.deepcopy(reference)
+    for name, module in int8_model.named_modules():
+        weight = Q.dequantized_weight(module)
+        if weight is not None:
+            fake_reference.get_submodule(name).weight.data.copy_(weight)
+    layers = Q.layer_reconstructions(fake_reference, int8_model)
+    failures = Q.check_layer_errors(layers, Q.QuantizationThresholds().int8, scheme="int8")
+    assert len(failures) == len(layers) > 0 and "not really quantized" in failures[0], failures[:2]
+
+
+def test_four_bit_grid_where_int8_was_asked_fails_the_layer_band(spec, reference):
+    _require("bnb_nf4")
+    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("nf4"))
+    layers = Q.layer_reconstructions(reference, model)
+    assert Q.check_layer_errors(layers, Q.QuantizationThresholds().nf4, scheme="nf4") == []  # its own band
+    failures = Q.check_layer_errors(layers, Q.QuantizationThresholds().int8, scheme="int8")
+    assert len(failures) == len(layers) and "coarser grid" in failures[0], failures[:2]
 
 
 def _int8_scales(layer):
