@@ -84,10 +84,13 @@ def test_a_refused_attention_implementation_is_the_models_skip_not_a_failure(pyt
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, outcomes
     result.stdout.fnmatch_lines(["*refuses attn_implementation=sdpa (transformers: *Gemma2ForCausalLM does not support*"])
+    result.stdout.fnmatch_lines([f"harness model {folder.name}: accepts eager, flex_attention, static_cache",
+                                 "  sdpa  no   *Gemma2ForCausalLM does not support*"])  # the header, before any test
     matrix = json.loads(next((pytester.path / "r").glob("*/capabilities.json")).read_text())
-    refused = [row for row in matrix if row["category"] == f"model {folder.name}"]
-    assert [(row["name"], row["available"]) for row in refused] == [("sdpa", False)], refused
-    assert "Gemma2ForCausalLM does not support" in refused[0]["reason"]
+    rows = {row["name"]: row for row in matrix if row["category"] == f"model {folder.name}"}
+    assert {name: row["available"] for name, row in rows.items()} == {
+        "eager": True, "sdpa": False, "flex_attention": True, "static_cache": True}, rows
+    assert "Gemma2ForCausalLM does not support" in rows["sdpa"]["reason"]
 
 
 def test_a_model_whose_code_cannot_serve_paged_skips_the_serving_suite_with_the_reason(pytester, checkpoint_of):
@@ -101,3 +104,39 @@ def test_a_model_whose_code_cannot_serve_paged_skips_the_serving_suite_with_the_
     assert outcomes.get("failed", 0) == 0 and outcomes.get("skipped", 0) + outcomes.get("passed", 0) == 1, outcomes
     if outcomes.get("skipped"):  # transformers 5.24; a release whose NeoX code serves paged passes instead
         result.stdout.fnmatch_lines(["*does not support continuous batching in transformers*PagedAttentionCache.update()*"])
+
+
+# The three checkpoint kinds of issue 19 (3 layers, hidden 128, random weights, the default
+# model's tokenizer beside them), none of which the suites were written against.
+UNTUNED_CHECKPOINTS = {
+    "gpt_neox": dict(rotary_pct=0.25, use_parallel_residual=True),
+    "phi3": dict(num_key_value_heads=2),
+    "gemma2": dict(num_key_value_heads=2, head_dim=32, sliding_window=16, final_logit_softcapping=30.0,
+                   attn_logit_softcapping=50.0),
+}
+
+
+def test_every_suite_on_untuned_checkpoints_gives_no_harness_failure(pytester, checkpoint_of):
+    """Every suite, all three checkpoints in one run (~145 s on the 2-core machine): nothing fails or
+    errors, every skip or inconclusive says why, and what is expected to fail is a quality check that
+    names the untrained weights."""
+    folders = [checkpoint_of(kind, **config) for kind, config in UNTUNED_CHECKPOINTS.items()]
+    suites = Path(__file__).resolve().parents[1] / "suites"
+    result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "-q", str(suites),
+                                          "--model", ",".join(map(str, folders)), "--report-dir", str(pytester.path / "r"))
+    outcomes = json.loads(next((pytester.path / "r").glob("*/results.json")).read_text())["outcomes"]
+    by_model = {folder.name: {} for folder in folders}
+    for row in outcomes:
+        model = next((name for name in by_model if f"[{name}" in row["nodeid"] or f"-{name}" in row["nodeid"]), None)
+        if model:
+            by_model[model][row["outcome"]] = by_model[model].get(row["outcome"], 0) + 1
+    print({name: counts for name, counts in by_model.items()})  # the closing note's counts (pytest -s)
+    bad = [f"{r['outcome']}: {r['nodeid']}: {r['reason'][:200]}" for r in outcomes if r["outcome"] in ("failed", "error")]
+    assert not bad, "\n".join(bad)
+    assert all(counts.get("passed", 0) >= 20 for counts in by_model.values()), by_model
+    blank = [r["nodeid"] for r in outcomes if r["outcome"] in ("skipped", "xfailed", "inconclusive") and not r["reason"].strip()]
+    assert not blank, f"skipped or expected to fail without a reason: {blank}"
+    unexplained = [f"{r['nodeid']}: {r['reason'][:120]}" for r in outcomes
+                   if r["outcome"] == "xfailed" and "untrained weights" not in r["reason"]]
+    assert not unexplained, "\n".join(unexplained)
+    assert result.ret == 0
