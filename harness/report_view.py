@@ -768,6 +768,22 @@ def environment_section(summary: dict) -> Section:
 # ---------------------------------------------------------------------------------------------
 
 
+def _weights_fact(model: dict, summary: dict) -> str:
+    """What the run learnt about the weights (the plugin's "weights" row, harness.weights) beats what
+    the model's kind implies: a user's checkpoint can be untrained."""
+    if not model.get("trained_weights"):
+        return "random weights (equivalence, memory and speed only)"
+    evidence = next((r for r in summary.get("results", []) if r.get("check") == "weights"
+                     and r.get("where") == model["name"]), None)
+    if evidence is None:
+        return "trained weights"
+    if evidence.get("details", {}).get("looks_untrained"):
+        return (f"**weights look UNTRAINED**: next-token entropy on the bundled prose is {evidence['value']:.2f} of "
+                "a uniform distribution's; its quality checks are expected failures, equivalence, memory and "
+                "speed still apply")
+    return f"trained weights (next-token entropy {evidence['value']:.2f} of uniform)"
+
+
 def build_view(summary: dict, benchmarks: dict | None = None, comparisons=(), *, run_dir: Path | None = None,
                limits: Limits | None = None, html_url: str = "") -> ReportView:
     limits = limits or Limits()
@@ -791,8 +807,7 @@ def build_view(summary: dict, benchmarks: dict | None = None, comparisons=(), *,
     env = summary.get("environment", {})
     facts = []
     for m in summary.get("models", []):
-        weights = "trained weights" if m.get("trained_weights") else "random weights (equivalence, memory and speed only)"
-        facts.append(f"Model {m['name']} ({m.get('kind', '')}; {weights})")
+        facts.append(f"Model {m['name']} ({m.get('kind', '')}; {_weights_fact(m, summary)})")
     get = lambda key: env.get(key, "n/a")  # noqa: E731
     facts.append(f"Device {env.get('gpu', get('device'))} ({get('device')}), dtype {get('dtype')}; "
                  f"torch {get('torch')}, transformers {get('transformers')}, Python {get('python')}")

@@ -248,7 +248,7 @@ def test_report_md_fits_a_github_job_summary_with_every_section_populated(tmp_pa
     assert "**200 equivalence**" in triage and "\n1. `suites/test_attention_model.py::test_case[0]`" in triage
     for heading in ("## Prefill peak memory vs prompt length", "## Decode speed per configuration",
                     "## Quantization vs reference", "## Needle in a haystack", "## Capability matrix",
-                    "## Measurements by suite", "## Skipped, and why", "## Benchmarks"):
+                    "## Measurements by suite", "## Skipped or inconclusive, and why", "## Benchmarks"):
         section = md.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
         assert "| " in section and "Not measured" not in section, heading
     tracebacks_md = md.split("## Failure details and tracebacks\n", 1)[1].split("\n## ", 1)[0]
