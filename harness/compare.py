@@ -86,12 +86,14 @@ def _expand_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor 
 def _abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if a.shape != b.shape:
         raise ValueError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    diff = (a.detach().to(torch.float64) - b.detach().to(device=a.device, dtype=torch.float64)).abs()
+    # in place on one float64 copy: logits of a long prompt are ~50M values, and every pass counts on CPU
+    diff = a.detach().to(torch.float64, copy=True)
+    diff.sub_(b.detach().to(device=a.device)).abs_()
     # NaN must never compare as "small": make it infinite so it fails loudly.
-    diff = torch.nan_to_num(diff, nan=float("inf"))
+    torch.nan_to_num_(diff, nan=float("inf"))
     m = _expand_mask(mask, diff)
     if m is not None:
-        diff = torch.where(m, diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
+        diff.masked_fill_(~m, 0.0)
     return diff
 
 
