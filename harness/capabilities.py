@@ -51,6 +51,11 @@ def resolve_device(text: str):
     raise HarnessUsageError(f"--device {text}: use auto, cpu, cuda or cuda:N")
 
 
+def dtype_name(dtype) -> str:
+    """torch.bfloat16 -> 'bfloat16': the name the CLI, the rules and the report use."""
+    return str(dtype).removeprefix("torch.")
+
+
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64", "fp64": "float64"}
 
@@ -200,7 +205,7 @@ def detect(device, dtype) -> tuple[Capability, ...]:
             caps.append(Capability(name, "attention", False, "cuDNN attention needs a CUDA device; this run is on CPU"))
             continue
         err = _probe_sdpa(name, device, dtype)
-        caps.append(Capability(name, "attention", err is None, err or f"ran on {device.type} in {str(dtype).removeprefix('torch.')}"))
+        caps.append(Capability(name, "attention", err is None, err or f"ran on {device.type} in {dtype_name(dtype)}"))
     err = _probe_flex(device, dtype)
     caps.append(Capability("flex_attention", "attention", err is None, err or f"compiled and ran on {device.type}"))
     caps.extend(_flash_attn_packages(device))

@@ -179,7 +179,7 @@ def pytest_report_header(config):
     import transformers
 
     lines = [f"harness: models {', '.join(s.label for s in state['specs'])}",
-             f"harness: device {state['device']}, dtype {str(state['dtype']).removeprefix('torch.')}, "
+             f"harness: device {state['device']}, dtype {caps_mod.dtype_name(state['dtype'])}, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
              "harness capabilities:"]
     lines += caps_mod.as_table(_capabilities(config))

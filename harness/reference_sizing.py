@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.capabilities import dtype_name
 from harness.config import format_bytes
 
 __all__ = ["ComparisonShape", "comparison_shape", "predict_comparison_bytes", "ReferencePlan", "plan_reference",
@@ -111,7 +112,7 @@ def comparison_shape(config, dtype, reference_dtype, batch: int = 1, kv_cache: b
         dtype_bytes=_element_size(dtype), reference_bytes=_element_size(reference_dtype),
         reference_weights=ref_weights, reference_layer_weights=per_layer * _element_size(reference_dtype),
         eager_scores=lambda b, n: predict_eager_attention_peak_bytes(shape, b, n, dtype), batch=batch,
-        reference_name=str(reference_dtype).removeprefix("torch.").replace("float", "fp"),
+        reference_name=dtype_name(reference_dtype).replace("float", "fp"),
         kv_cache_bytes_per_token=predict_kv_cache_bytes(shape, 1, 1, dtype) if kv_cache else 0)
 
 
@@ -304,7 +305,7 @@ def plan_model_reference(model, device, dtype, reference_dtype, *, requested: in
     free = device_memory_available(device, budget_bytes)
     if free is None:
         return ReferencePlan(length=requested, requested=requested,
-                             reference_name=str(reference_dtype).removeprefix("torch.").replace("float", "fp"))
+                             reference_name=dtype_name(reference_dtype).replace("float", "fp"))
     shape = comparison_shape(model.config, dtype, reference_dtype, batch, kv_cache)
     return plan_reference(shape, requested=requested, minimum=minimum, free_bytes=free,
                           host_free_bytes=host_memory_available(), placements=placements)

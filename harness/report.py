@@ -25,6 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from harness import report_text as text
+from harness.capabilities import dtype_name
 from harness.report_view import Limits, ReportView, build_view
 
 # GitHub rejects a job summary over 1 MiB; keep report.md under this many bytes.
@@ -73,7 +74,7 @@ def _environment(state) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "device": str(state["device"]),
-           "dtype": str(state["dtype"]).removeprefix("torch."), "host": platform.node()}
+           "dtype": dtype_name(state["dtype"]), "host": platform.node()}
     if state["device"].type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(state["device"])
         env["cuda"] = torch.version.cuda

@@ -24,6 +24,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from harness.capabilities import dtype_name
+
 
 def _cuda_in_use() -> bool:
     import torch
@@ -308,7 +310,7 @@ def measure_device_peaks(device, dtype) -> DevicePeaks:
     flops, n = measure_matmul_peak(device, dtype)
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
-    return DevicePeaks(str(device), copy, nbytes, flops, n, str(dtype).removeprefix("torch."))
+    return DevicePeaks(str(device), copy, nbytes, flops, n, dtype_name(dtype))
 
 
 # ---------------------------------------------------------------------------------------------

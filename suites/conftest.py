@@ -2,13 +2,14 @@
 
 import pytest
 
+from harness import capabilities
 from harness import generation as gen
 
 
 @pytest.fixture(scope="session")
 def dtype_name(dtype):
     """The run's compute dtype by name, as the comparison rules take it ('bfloat16')."""
-    return str(dtype).removeprefix("torch.")
+    return capabilities.dtype_name(dtype)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from harness.attention import MODEL_ATTENTION
+from harness.capabilities import dtype_name
 from harness.layer_attention import (DispatchNotRecorded, compare_layer_calls, padded_token_batch, record_eager_calls,
                                      reference_outputs, replay_through_dispatch)
 
@@ -80,12 +81,12 @@ def test_each_attention_call_matches_eager_on_its_inputs(backend, scenario, prec
         pytest.skip(str(exc))
     except RuntimeError as exc:
         if "No available kernel" in str(exc) or "only support" in str(exc):
-            pytest.skip(f"{backend} cannot run these inputs in {str(dtype).removeprefix('torch.')}: {str(exc).splitlines()[0]}")
+            pytest.skip(f"{backend} cannot run these inputs in {dtype_name(dtype)}: {str(exc).splitlines()[0]}")
         raise
     verdict = compare_layer_calls(outputs, calls, refs, mask, max_factor=tolerances.attention_error_factor,
                                   rms_factor=tolerances.attention_rms_factor, slack=tolerances.attention_abs_slack,
                                   name=f"{backend} {scenario}")
-    dtype_label = str(dtype).removeprefix("torch.")
+    dtype_label = dtype_name(dtype)
     for statistic, deciding in verdict.deciding.items():
         record_result("attention calls vs eager", f"{statistic} error / allowed", round(deciding.error / deciding.allowed, 4),
                       threshold=1, passed=deciding.passed, where=f"{backend}/{scenario}/{dtype_label}",

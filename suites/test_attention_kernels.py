@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, example, given, reject, settings
 
 from harness.attention import (KERNELS, AttentionCase, attention_cases, check_attention_kernel, eager_attention,
                                error_over_allowed)
+from harness.capabilities import dtype_name
 
 FUSED_KERNELS = [name for name in KERNELS if name != "eager"]
 
@@ -95,7 +96,7 @@ def error_ratios(record_result, request, tolerances):
     if not verdicts:
         return
     params = request.node.callspec.params
-    where = f"{params['name']}/{str(params.get('half', 'float32')).removeprefix('torch.')}/{request.node.originalname.rsplit('_', 1)[-1]}"
+    where = f"{params['name']}/{dtype_name(params.get('half', 'float32'))}/{request.node.originalname.rsplit('_', 1)[-1]}"
     # the row shows what decides it: the largest error / allowed error (allowed = k x eager's error
     # + slack); the error ratio to eager alone can exceed k where the slack covers a near-exact eager
     record_result("attention_kernel", "max error / allowed error", error_over_allowed(*verdicts), threshold=1.0,

@@ -17,6 +17,7 @@ import torch
 
 from harness.attention import (MODEL_ATTENTION, compare_model_outputs, error_over_allowed, known_disagreement,
                                model_forward, padded_position_ids, reference_context, upcast_reference)
+from harness.capabilities import dtype_name
 from harness.compare import compare_tensors
 
 BACKENDS = [name for name in MODEL_ATTENTION if name != "eager"]
@@ -166,7 +167,7 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
                                            max_reference_gap=tolerances.reference_logit_gap,
                                            name=f"{backend} vs eager, {scenario} {lengths}")
     record_result("attention_model", "max error / allowed error", error_over_allowed(layers, logits), threshold=1.0,
-                  passed=layers.passed and logits.passed, where=f"{backend}/{scenario}/{str(dtype).removeprefix('torch.')}",
+                  passed=layers.passed and logits.passed, where=f"{backend}/{scenario}/{dtype_name(dtype)}",
                   rule=f"error <= {factor:g} x eager error + slack", ratio_vs_eager=round(logits.ratio, 3),
                   logits_error=logits.error, eager_logits_error=logits.baseline_error,
                   tightest_layer=layers.layer, layer_ratio=round(layers.ratio, 3))
@@ -206,7 +207,7 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
                               slack_floor=tolerances.attention_abs_slack,
                               what=f"{backend} cached-decode last-token logits {lengths}", position_names=("batch", "vocab"))
     record_result("attention_decode", "max error / allowed error", error_over_allowed(verdict), threshold=1.0,
-                  passed=verdict.passed, where=f"{backend}/decode/{str(dtype).removeprefix('torch.')}",
+                  passed=verdict.passed, where=f"{backend}/decode/{dtype_name(dtype)}",
                   rule=f"error <= {tolerances.model_error_factor:g} x eager error + slack",
                   ratio_vs_eager=round(verdict.ratio, 3), error=verdict.error, eager_error=verdict.baseline_error)
     _assert_or_known(eager.config, verdict.passed, verdict.message)

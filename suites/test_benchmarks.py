@@ -22,6 +22,7 @@ import statistics
 import pytest
 import torch
 
+from harness.capabilities import dtype_name
 from harness.memory import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
 from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
                             percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)
@@ -134,10 +135,6 @@ def _decode_figures(clocks, counts, config, batch: int, dtype, scheme: str, devi
             "token_latencies_ms": [round(t * 1e3, 4) for t in latencies[:512]]}
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("attn", ATTN)
 def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
@@ -147,7 +144,7 @@ def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec
     model = _variant_model(model_factory, attn)
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=1, seed=run_config.seed)
     figures = _prefill_figures(clocks, counts, model.config, batch, device, device_peaks)
-    _describe(benchmark, record_result, speed_spec, {"kind": "prefill", "attn": attn, "dtype": _dtype_name(dtype),
+    _describe(benchmark, record_result, speed_spec, {"kind": "prefill", "attn": attn, "dtype": dtype_name(dtype),
                                                      "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
 
 
@@ -161,7 +158,7 @@ def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spe
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=SHAPE[device.type]["new_tokens"],
                            seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, batch, dtype, "none", device, device_peaks)
-    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": attn, "dtype": _dtype_name(dtype),
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": attn, "dtype": dtype_name(dtype),
                                                      "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
 
 
@@ -179,7 +176,7 @@ def test_decode_cache_implementation(benchmark, cache, speed_spec, model_factory
                            seed=run_config.seed, warmup=warmup, **kwargs)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, "none", device, device_peaks)
     figures["compiled"] = hasattr(model, "_compiled_call") if cache == "static+compile" else False
-    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": _dtype_name(dtype),
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": dtype_name(dtype),
                                                      "cache": cache, "quantization": "none"}, figures, device_peaks)
 
 
@@ -209,7 +206,7 @@ def test_decode_quantized(benchmark, scheme, request, speed_spec, model_factory,
     model = model_factory("sdpa", quantization=scheme, quantization_config=config)
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, scheme, device, device_peaks)
-    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": _dtype_name(dtype),
+    _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": dtype_name(dtype),
                                                      "cache": "dynamic", "quantization": scheme}, figures, device_peaks)
 
 

@@ -18,7 +18,7 @@ import pytest
 from harness import generation as gen
 from harness import niah
 from harness import positions as pos
-from harness.capabilities import by_name
+from harness.capabilities import by_name, dtype_name
 
 # Tokens generated (and compared) after a long prompt: a few on CPU, more in the full profile.
 LONG_PROMPT_NEW_TOKENS = {"ci": 8, "full": 32}
@@ -353,8 +353,7 @@ def test_cache_matches_no_cache_on_long_prompt(model_spec, long_context_model, l
     cached = gen.greedy(long_context_model, inputs, label="dynamic cache", pad_token_id=gen.pad_id(tokenizer),
                         new_tokens=n, use_cache=True)
     reference = _no_cache_over_sequence(long_context_model, cached, gen.eos_token_ids(long_context_model, tokenizer))
-    dtype_name = str(dtype).removeprefix("torch.")
-    result = compare_runs(reference, cached, dtype_name=dtype_name, tolerances=tolerances,
+    result = compare_runs(reference, cached, dtype_name=dtype_name(dtype), tolerances=tolerances,
                           decode=lambda t: tokenizer.decode([t]))
     record_result("long prompt: cache vs no cache", prompt_tokens=int(inputs["input_ids"].shape[1]),
                   attn=long_context_attn, **record_fields(result))
@@ -401,7 +400,7 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
     record_result("long prompt: attention vs eager", "max error / allowed error",
                   error_over_allowed(layers, logits), threshold=1.0,
                   passed=layers.passed and logits.passed,
-                  where=f"{long_context_attn}/{length} tokens/{str(dtype).removeprefix('torch.')}"
+                  where=f"{long_context_attn}/{length} tokens/{dtype_name(dtype)}"
                         + (f"; {plan.note}" if plan.note else ""),
                   rule=f"error <= {tolerances.model_error_factor:g} x eager error + slack",
                   ratio_vs_eager=round(max(layers.ratio, logits.ratio), 3), tightest_layer=layers.layer,

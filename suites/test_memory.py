@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from harness.capabilities import dtype_name
 from harness.memory import (MODEL_STORAGE_METHOD, SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth, is_out_of_memory,
                             kv_bytes_per_token, measure_peak, model_storage_bytes, parameter_counts, predict_eager_attention_peak_bytes,
                             predict_kv_cache_bytes, predict_weight_bytes, release_device_memory)
@@ -129,7 +130,7 @@ def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, coun
     ratio = measured / predicted.bytes
     passed = abs(ratio - 1) <= tolerances.memory_prediction_rel_error
     record_result("weights", "measured/predicted", ratio, threshold=f"1±{tolerances.memory_prediction_rel_error}",
-                  passed=passed, where=f"{scheme}, {str(dtype).removeprefix('torch.')}", predicted_bytes=predicted.bytes,
+                  passed=passed, where=f"{scheme}, {dtype_name(dtype)}", predicted_bytes=predicted.bytes,
                   measured_bytes=measured, breakdown=predicted.breakdown, method=method)
     assert passed, (f"weights ({scheme}): measured {measured / 2**20:.1f} MiB vs predicted {predicted.bytes / 2**20:.1f} MiB "
                     f"({counts.total:,} params; {predicted.breakdown}), ratio {ratio:.3f} outside "

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import quantization as Q
+from harness.capabilities import dtype_name
 from harness.errors import HarnessUsageError
 
 CI_WINDOW, CI_WINDOW_COUNT = 256, 2
@@ -211,7 +212,7 @@ def test_report_table_so_far(model_spec, scheme, quantized, quant_reference, ci_
     full = request.config.getoption("--run-slow")
     record_result(check="table", metric="schemes in the quantization table", value=len(_table_rows),
                   section="Quantization: scheme x statistics", table=table,
-                  note=(f"{model_spec.name} against its {str(quant_reference.dtype).removeprefix('torch.')} "
+                  note=(f"{model_spec.name} against its {dtype_name(quant_reference.dtype)} "
                         f"reference over {'the whole bundled corpus in 512-token windows' if full else f'{CI_WINDOW_COUNT} windows of {CI_WINDOW} tokens'} "
                         "(second half of each window scored, as llama.cpp does); footprint ratio: weights only, "
                         "quantized / reference."))

@@ -19,6 +19,7 @@ from harness import generation as gen
 from harness import serving
 from harness import serving_memory as mem
 from harness import serving_speed as speed
+from harness.capabilities import dtype_name
 from harness.serving_compare import served_agreement
 from harness.timing import device_timer
 from harness.token_agreement import record_fields
@@ -93,7 +94,7 @@ def served_model(model_factory, device, dtype, run_config, serving_support):
         base = serving.base_implementation(impl)
         if run_config.attn and base not in run_config.attn and impl not in run_config.attn:
             pytest.skip(f"{impl} not selected by --attn {','.join(run_config.attn)}")
-        reason = serving.probe_implementation(impl, str(device), str(dtype).removeprefix("torch."))
+        reason = serving.probe_implementation(impl, str(device), dtype_name(dtype))
         if reason:
             pytest.skip(f"does not run here: {reason}")
         model = model_factory(base)  # "eager" is the reference model itself
