@@ -24,6 +24,7 @@ import torch
 
 from harness.capabilities import dtype_name
 from harness.memory import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
+from harness.quantization import quantization_config
 from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
                             percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)
 
@@ -194,16 +195,12 @@ def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device
 @pytest.mark.parametrize("scheme", ["int8", "nf4", "fp4"])
 def test_decode_quantized(benchmark, scheme, request, speed_spec, model_factory, counts, device, dtype, device_peaks,
                           require, run_config, record_result):
-    from transformers import BitsAndBytesConfig
-
     if speed_spec.kind == "preset":
         pytest.skip(f"{speed_spec.name}: quantised variants need a checkpoint, not a random preset")
     if device.type == "cpu" and not request.config.getoption("--run-slow"):
         pytest.skip("bitsandbytes on CPU takes ~10 s to load and ~2 s per token here: full profile only (--run-slow)")
     require(f"bnb_{scheme}")
-    config = (BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=dtype))
-    model = model_factory("sdpa", quantization=scheme, quantization_config=config)
+    model = model_factory("sdpa", quantization=scheme, quantization_config=quantization_config(scheme, compute_dtype=dtype))
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, scheme, device, device_peaks)
     _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": dtype_name(dtype),

@@ -21,6 +21,7 @@ from harness.memory import (MODEL_STORAGE_METHOD, SCALING_CHECK, attention_score
                             kv_bytes_per_token, measure_peak, model_storage_bytes, parameter_counts, predict_eager_attention_peak_bytes,
                             predict_kv_cache_bytes, predict_weight_bytes, release_device_memory)
 from harness.models import load_model
+from harness.quantization import quantization_config
 from harness.timing import prefill_flops
 
 # A CPU run keeps each prefill under this many FLOPs (a few seconds on 2 cores); bigger ones need
@@ -94,14 +95,6 @@ def _prefill_peak(model, ids):
     return peak
 
 
-def _quantization_config(scheme: str, dtype):
-    from transformers import BitsAndBytesConfig
-
-    if scheme == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=scheme, bnb_4bit_compute_dtype=dtype)
-
-
 @pytest.mark.parametrize("scheme", ["none", "int8", "nf4", "fp4"])
 def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, counts, device, dtype, tolerances,
                                        require, record_result, seed):
@@ -114,7 +107,7 @@ def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, coun
                         "outside the parameters, so neither allocation counters nor the model's storages hold "
                         "the whole footprint; CUDA's allocator counts it exactly")
         require(f"bnb_{scheme}")
-        quantization = _quantization_config(scheme, dtype)
+        quantization = quantization_config(scheme, compute_dtype=dtype)
     predicted = predict_weight_bytes(counts, dtype, scheme)
     _warm_up(reference_model, device, seed)
     with measure_peak(device) as peak:
