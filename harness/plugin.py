@@ -16,6 +16,7 @@ import pytest
 from harness import capabilities as caps_mod
 from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
 from harness.errors import HarnessUsageError, VariantRefused
+from harness.memory import release_device_memory
 from harness.model_capabilities import model_category, refusal_reason, refusals
 from harness.results import Result, skip_outcome
 from harness.run_times import RunTimes, compile_seconds_so_far
@@ -356,7 +357,7 @@ class ModelFactory:
             if not variants or len(variants) < self._variant_slots():
                 return
             self._cache.pop(variants[0])
-            _free_device_memory(self.device)
+            release_device_memory(self.device)
 
     def _variant_slots(self) -> int:
         if self.device.type != "cuda" or not self._cache:
@@ -369,21 +370,11 @@ class ModelFactory:
 
     def clear(self) -> None:
         self._cache.clear()
-        _free_device_memory(self.device)
+        release_device_memory(self.device)
 
 
 def _model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-
-
-def _free_device_memory(device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 @pytest.fixture(scope="session")

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 from dataclasses import dataclass, field
 
 import torch
 
 from harness.capabilities import dtype_name
 from harness.config import format_bytes
+from harness.memory import release_device_memory
 
 __all__ = ["ComparisonShape", "comparison_shape", "predict_comparison_bytes", "ReferencePlan", "plan_reference",
            "device_memory_available", "host_memory_available", "plan_model_reference", "upcast_copy",
@@ -279,8 +279,7 @@ def device_memory_available(device, budget_bytes: int | None = None) -> int | No
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    gc.collect()
-    torch.cuda.empty_cache()
+    release_device_memory(device)
     free, total = torch.cuda.mem_get_info(device)
     available = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if budget_bytes is not None:
@@ -395,9 +394,7 @@ def planned_reference(model, plan: ReferencePlan, reference_dtype):
             yield reference
     finally:
         del reference
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release_device_memory(device)
 
 
 def reference_outputs(model, input_ids, attention_mask, plan: ReferencePlan, reference_dtype):

@@ -19,6 +19,7 @@ from harness.attention import (MODEL_ATTENTION, compare_model_outputs, error_ove
                                model_forward, padded_position_ids, reference_context, upcast_reference)
 from harness.capabilities import dtype_name
 from harness.compare import compare_tensors
+from harness.memory import release_device_memory
 
 BACKENDS = [name for name in MODEL_ATTENTION if name != "eager"]
 SCENARIOS = ["single", "left_padded", "right_padded", "past_sliding_window"]
@@ -111,10 +112,7 @@ def _reference_outputs(cache, key, run, model_spec, model_factory, device, plan)
         if device.type == "cuda" and sum(p.numel() * p.element_size() for p in reference.parameters()) > 2 << 30:
             del reference
             cache["reference_model"] = cache["reference_model_name"] = None
-            import gc
-
-            gc.collect()
-            torch.cuda.empty_cache()
+            release_device_memory(device)
     return cache[key]
 
 
