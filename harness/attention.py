@@ -467,18 +467,20 @@ def error_over_allowed(*verdicts) -> float:
     return max(one(v) for v in verdicts)
 
 
-def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, factor: float, slack: float, name: str,
-                          max_reference_gap: float = 0.25):
-    """(layers verdict, logits verdict) of harness.compare's k x eager rule; padding excluded.
+def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, tolerances, name: str):
+    """(layers verdict, logits verdict) of harness.compare's k x eager rule; padding excluded. The
+    numbers are the run's Tolerances: model_error_factor (k), attention_abs_slack, reference_logit_gap.
 
     Raises ValueError when the reference cannot be the same weights, since then the rule would
     accept anything: the embeddings (hidden state 0) must agree within rounding, and eager's
-    logits may be at most ``max_reference_gap`` x the largest reference logit away from the
+    logits may be at most ``reference_logit_gap`` x the largest reference logit away from the
     reference at the median position (see Tolerances.reference_logit_gap for the measured values).
     """
     from harness.compare import (compare_tensors, first_diverging_layer, max_abs_error, reference_rounding,
                                  typical_position_error)
 
+    factor, slack, max_reference_gap = (tolerances.model_error_factor, tolerances.attention_abs_slack,
+                                        tolerances.reference_logit_gap)
     embeddings_gap = max_abs_error(eager_out.hidden_states[0], reference_out.hidden_states[0], attention_mask)
     embeddings_rounding = 2.0 * reference_rounding(reference_out.hidden_states[0], eager_out.hidden_states[0].dtype,
                                                    attention_mask)

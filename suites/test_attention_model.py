@@ -160,13 +160,11 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
                              model_spec, model_factory, device, plan)
     out = _run(lambda: _forward(model, ids, mask, context), backend, model_spec)
 
-    factor, slack = tolerances.model_error_factor, tolerances.attention_abs_slack
-    layers, logits = compare_model_outputs(out, base, ref, mask, factor=factor, slack=slack,
-                                           max_reference_gap=tolerances.reference_logit_gap,
+    layers, logits = compare_model_outputs(out, base, ref, mask, tolerances=tolerances,
                                            name=f"{backend} vs eager, {scenario} {lengths}")
     record_result("attention_model", "max error / allowed error", error_over_allowed(layers, logits), threshold=1.0,
                   passed=layers.passed and logits.passed, where=f"{backend}/{scenario}/{dtype_name(dtype)}",
-                  rule=f"error <= {factor:g} x eager error + slack", ratio_vs_eager=round(logits.ratio, 3),
+                  rule=f"error <= {tolerances.model_error_factor:g} x eager error + slack", ratio_vs_eager=round(logits.ratio, 3),
                   logits_error=logits.error, eager_logits_error=logits.baseline_error,
                   tightest_layer=layers.layer, layer_ratio=round(layers.ratio, 3))
     _assert_or_known(eager.config, layers.passed, layers.message)

@@ -393,9 +393,7 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
     base = model_forward(eager, ids, mask, use_cache=False)
     ref = reference_outputs(eager, ids, mask, plan, reference_dtype)
     out = model_forward(fused, ids, mask, use_cache=False)
-    layers, logits = compare_model_outputs(out, base, ref, mask, factor=tolerances.model_error_factor,
-                                           slack=tolerances.attention_abs_slack,
-                                           max_reference_gap=tolerances.reference_logit_gap,
+    layers, logits = compare_model_outputs(out, base, ref, mask, tolerances=tolerances,
                                            name=f"{long_context_attn} vs eager, {length}-token prompt")
     record_result("long prompt: attention vs eager", "max error / allowed error",
                   error_over_allowed(layers, logits), threshold=1.0,

@@ -117,15 +117,13 @@ def test_model_check_names_first_diverging_layer(fault, planted):
     model = load_model(spec, device=CPU, dtype=torch.float32, attn_implementation="sdpa")
     model.load_state_dict(eager_model.state_dict())  # same weights, other attention
     correct_layers, correct_logits = compare_model_outputs(model_forward(model, ids, mask), eager, ref, mask,
-                                                           factor=TOL.model_error_factor, slack=TOL.attention_abs_slack,
-                                                           name="sdpa")
+                                                           tolerances=TOL, name="sdpa")
     assert correct_layers.passed and correct_logits.passed, "control: real sdpa must pass before the fault is planted"
     planted(fault)
     # the reference does not dispatch through "sdpa": the fault cannot reach the truth it is measured against
     assert torch.equal(model_forward(upcast_reference(eager_model), ids, mask, reference_context).logits, ref.logits)
     layers, logits = compare_model_outputs(model_forward(model, ids, mask), eager, ref, mask,
-                                           factor=TOL.model_error_factor, slack=TOL.attention_abs_slack,
-                                           name=f"sdpa with {fault}")
+                                           tolerances=TOL, name=f"sdpa with {fault}")
     assert not layers.passed and not logits.passed
     expected = FIRST_DIVERGING_LAYER.get(fault, 1)
     assert layers.message.startswith(f"first diverging layer {expected}:"), layers.message
