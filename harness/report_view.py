@@ -778,7 +778,7 @@ def _weights_fact(model: dict, summary: dict) -> str:
     if evidence is None:
         return "trained weights"
     if evidence.get("details", {}).get("looks_untrained"):
-        return (f"**weights look UNTRAINED**: next-token entropy on the bundled prose is {evidence['value']:.2f} of "
+        return (f"weights look UNTRAINED: next-token entropy on the bundled prose is {evidence['value']:.2f} of "
                 "a uniform distribution's; its quality checks are expected failures, equivalence, memory and "
                 "speed still apply")
     return f"trained weights (next-token entropy {evidence['value']:.2f} of uniform)"
