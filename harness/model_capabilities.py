@@ -30,13 +30,13 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
 
     from harness.attention import MODEL_ATTENTION
     from harness.generation import supports_static_cache
-    from harness.models import model_config
+    from harness.models import first_line, model_config
 
     category = model_category(spec.name)
     try:
         config = model_config(spec)
     except Exception as exc:  # noqa: BLE001 - reported as the row's reason
-        return (Capability("config", category, False, f"cannot read the config: {type(exc).__name__}: {_first_line(exc)}"),)
+        return (Capability("config", category, False, f"cannot read the config: {type(exc).__name__}: {first_line(exc)}"),)
     runnable = {c.name for c in device_caps if c.available}
     implementations = list(dict.fromkeys(impl for cap, (impl, _) in MODEL_ATTENTION.items() if cap in runnable))
     rows, built = [], None
@@ -48,7 +48,7 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
         except ImportError:
             continue  # a package, not the model: the device matrix has that row
         except Exception as exc:  # noqa: BLE001 - transformers raises ValueError, NotImplementedError, ...
-            rows.append(Capability(impl, category, False, refusal_reason(spec.name, impl, _first_line(exc))))
+            rows.append(Capability(impl, category, False, refusal_reason(spec.name, impl, first_line(exc))))
             continue
         rows.append(Capability(impl, category, True, f"{type(model).__name__} accepts it"))
         built = built or model
@@ -62,7 +62,3 @@ def refusals(rows) -> dict[str, str]:
     """attn_implementation -> reason, for the model factory: a refused variant skips without a load."""
     return {c.name: c.reason for c in rows if not c.available and c.name != "static_cache"}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

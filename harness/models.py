@@ -280,7 +280,7 @@ def load_tokenizer(spec: ModelSpec):
     except HarnessUsageError:
         raise
     except Exception as exc:
-        raise HarnessUsageError(f"--model {spec.name}: cannot load its tokenizer ({_first_line(exc)})") from None
+        raise HarnessUsageError(f"--model {spec.name}: cannot load its tokenizer ({first_line(exc)})") from None
 
 
 def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "eager",
@@ -308,19 +308,19 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
         raise
     except OSError as exc:
         if spec.kind == "hub":
-            raise HarnessUsageError(f"--model {spec.name}: not in the local Hugging Face cache and this run is offline ({_first_line(exc)})") from None
-        raise HarnessUsageError(f"--model {spec.name}: cannot load ({_first_line(exc)})") from None
+            raise HarnessUsageError(f"--model {spec.name}: not in the local Hugging Face cache and this run is offline ({first_line(exc)})") from None
+        raise HarnessUsageError(f"--model {spec.name}: cannot load ({first_line(exc)})") from None
     except Exception as exc:  # transformers raises many types for unusable checkpoints
         # eager is the variant every model has: refusing another one is the model's property, not bad input
         error = VariantRefused if attn_implementation != "eager" and quantization_config is None else HarnessUsageError
         raise error(f"--model {spec.name}: cannot load with attn_implementation={attn_implementation} "
-                    f"({type(exc).__name__}: {_first_line(exc)})") from None
+                    f"({type(exc).__name__}: {first_line(exc)})") from None
     if quantization_config is None:
         model.to(torch.device(device))
     model.eval()
     return model
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
