@@ -105,57 +105,86 @@ def synchronize(device) -> None:
 # Single calls timed like triton.testing.do_bench, replayed into pytest-benchmark
 
 # triton's CUDA driver (get_empty_cache_for_benchmark): 256 MiB zeroed before each call. The same
-# size here, so the one difference left between the two is the scheduling of the calls (an L2-sized
-# flush read -3.8 % against do_bench on the H200's 16384^3 matmul, +2.4 % in another run).
+# size here (an L2-sized flush read -3.8 % against do_bench on the H200's 16384^3 matmul, +2.4 %
+# in another run).
 FLUSH_BYTES = 256 * 1024 * 1024
 
 
-def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2: bool = True,
-                   estimate_calls: int = 5) -> list[float]:
-    """Seconds of each of `repeats` calls of fn() after `warmup` untimed calls, measured the way
-    `triton.testing.do_bench` measures (read from triton-lang/triton python/triton/testing.py and
-    its NVIDIA driver's get_empty_cache_for_benchmark/clear_cache).
+def do_bench_call_count(budget_ms: float | None, estimate_s: float, default: int) -> int:
+    """do_bench's number of warm-up or timed calls: max(1, int(budget_ms / estimate_ms)), where
+    estimate_ms is one call's time from its 5-call estimate; `default` when no budget is given."""
+    if budget_ms is None:
+        return default
+    return max(1, int(budget_ms / (estimate_s * 1e3))) if estimate_s > 0 else default
 
-    Matched: CUDA events recorded on the current stream right before and right after each call;
-    before each call's start event an int32 buffer is zeroed (`cache.zero_()`) to flush the L2
-    cache, so the flush is queued but outside the timed span; warm-up calls are not flushed; calls
-    are queued back to back with no synchronisation between them (the GPU never idles waiting for
-    the host) and ONE synchronisation at the end; each call's time is its own event pair's
-    elapsed_time; the flush buffer is do_bench's 256 MiB; before the warm-up, do_bench's estimate:
-    `estimate_calls` (5) flushed calls and a synchronisation. That estimate matters on a
-    power-limited kernel: without it the timed calls started on a GPU that had idled, and the
-    H200's 16384^3 bf16 matmul read 2.1-4.7 % faster than do_bench in three gates (session 6),
-    while the SDPA and unflushed back-to-back timings agreed. Not matched: `warmup` and `repeats`
-    are call counts (pytest-benchmark's rounds) where do_bench derives them from the estimate and
-    millisecond budgets (warmup=25, rep=100); no grad_to_none; the per-call times are returned, not
-    a mean/median/quantiles (pytest-benchmark computes those). On CPU: `warmup` calls, then
-    perf_counter around each call (nothing to flush or synchronise)."""
+
+def do_bench_times(fn, device, *, warmup: int = 10, repeats: int = 50, flush_l2: bool = True,
+                   estimate_calls: int = 5, warmup_ms: float | None = None,
+                   rep_ms: float | None = None) -> list[float]:
+    """Seconds of each of `repeats` calls of fn() after `warmup` untimed calls, measured the way
+    `triton.testing.do_bench` measures (read from triton 3.6 python/triton/testing.py and its
+    NVIDIA driver's get_empty_cache_for_benchmark/clear_cache).
+
+    Matched, step by step: one unflushed call and a synchronisation; `estimate_calls` (5) calls,
+    each after an L2 flush, between two CUDA events, and a synchronisation (the estimate); the
+    warm-up calls, unflushed; then per timed call: flush (an int32 buffer of do_bench's 256 MiB is
+    zeroed, queued but outside the timed span), start event, fn(), end event, all queued back to
+    back with no synchronisation (the GPU never idles waiting for the host); ONE synchronisation at
+    the end; each call's time is its own event pair's elapsed_time.
+
+    Counts: with `warmup_ms`/`rep_ms` given, do_bench's own rule from the estimate,
+    max(1, int(budget / estimate_ms)), so a block runs exactly as many calls as do_bench(fn,
+    warmup_ms, rep_ms) would; otherwise `warmup`/`repeats` calls (pytest-benchmark's rounds). The
+    count matters on a power-limited kernel: with 27 calls per block against do_bench's 40, the
+    H200's causal SDPA (8 ms a call) read 1.8-2.5 % faster than do_bench in three gates (session 7)
+    while the 13 ms matmul, where both ran ~26 calls, agreed within 0.6 %. So does the estimate:
+    without it the timed calls started on a GPU that had idled (matmul 2.1-4.7 % faster, session
+    6). Not matched: no grad_to_none; the per-call times are returned, not a mean/median/quantiles
+    (pytest-benchmark computes those). On CPU: the same counts, perf_counter around each call
+    (nothing to flush or synchronise)."""
     import torch
 
     device = torch.device(device)
-    if device.type != "cuda":
-        for _ in range(warmup):
+    on_cuda = device.type == "cuda"
+
+    if not on_cuda:
+        fn()
+        start = time.perf_counter()
+        for _ in range(estimate_calls):
+            fn()
+        estimate = (time.perf_counter() - start) / max(1, estimate_calls)
+        for _ in range(do_bench_call_count(warmup_ms, estimate, warmup)):
             fn()
         samples = []
-        for _ in range(repeats):
+        for _ in range(do_bench_call_count(rep_ms, estimate, repeats)):
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
         return samples
     with torch.cuda.device(device):
+        fn()
+        torch.cuda.synchronize(device)
         cache = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device) if flush_l2 else None
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        for _ in range(estimate_calls):
+
+        def flush():
             if cache is not None:
                 cache.zero_()
+
+        estimate_start, estimate_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        estimate_start.record()
+        for _ in range(estimate_calls):
+            flush()
             fn()
+        estimate_end.record()
         torch.cuda.synchronize(device)
-        for _ in range(warmup):
+        estimate = estimate_start.elapsed_time(estimate_end) / 1e3 / max(1, estimate_calls)
+        timed = do_bench_call_count(rep_ms, estimate, repeats)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(timed)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(timed)]
+        for _ in range(do_bench_call_count(warmup_ms, estimate, warmup)):
             fn()
         for start, end in zip(starts, ends):
-            if cache is not None:
-                cache.zero_()
+            flush()
             start.record()
             fn()
             end.record()

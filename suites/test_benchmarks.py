@@ -271,7 +271,7 @@ def test_harness_timer_agrees_with_triton_do_bench(benchmark, workload, device, 
             if block == "A":
                 reading["A"] = triton_testing.do_bench(fn, warmup=25, rep=250, return_mode="median") / 1e3
             else:
-                block_times = do_bench_times(fn, device, warmup=2, repeats=20)  # ~ do_bench rep=250 ms of 12 ms calls
+                block_times = do_bench_times(fn, device, warmup_ms=25, rep_ms=250)  # as many calls as do_bench
                 reading["B"] = statistics.median(block_times)
                 times += block_times
         pairs.append((reading["A"], reading["B"]))

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from harness.timing import ReplayClock, do_bench_times, replay_times
+from harness.timing import ReplayClock, do_bench_call_count, do_bench_times, replay_times
 
 # Distinct, unsorted, not binary fractions: a dropped, reordered or rounded value shows.
 TIMES = [0.0123, 0.0101, 0.0347, 0.0099, 0.011, 0.0123456789, 0.0205]
@@ -155,5 +155,20 @@ def test_cpu_fallback_times_every_call():
         sum(range(2000))
 
     times = do_bench_times(fn, "cpu", warmup=2, repeats=5)
-    assert len(calls) == 7 and len(times) == 5
+    assert len(calls) == 1 + 5 + 2 + 5 and len(times) == 5  # do_bench's first call, its 5-call estimate
     assert all(t > 0 for t in times), times
+
+
+def test_millisecond_budgets_give_do_bench_call_counts():
+    # triton 3.6 do_bench(warmup=25, rep=250) on the H200's 8.1 ms causal SDPA: 3 warm-up, 30 timed calls
+    assert do_bench_call_count(25, 0.0081, default=2) == 3
+    assert do_bench_call_count(250, 0.0081, default=20) == 30
+    assert do_bench_call_count(250, 0.5, default=20) == 1  # never zero calls
+    assert do_bench_call_count(None, 0.0081, default=20) == 20
+
+
+def test_millisecond_budgets_bound_the_timed_calls_on_cpu():
+    import time as clock
+
+    times = do_bench_times(lambda: clock.sleep(0.02), "cpu", warmup_ms=20, rep_ms=60)
+    assert 1 <= len(times) <= 3, times  # each call sleeps >= 20 ms, so at most int(60 / 20) are timed
