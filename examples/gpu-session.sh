@@ -51,12 +51,13 @@ case $phase in
     failed=0 ;;  # fault steps are expected to fail; summary.txt has every exit code
   gate-default)  # the deployment gate on the trained default model; run twice: cold, then warm caches
     run=${RUN:-1}
+    # one report directory for both runs: the second splits its shards by the first run's durations
     step "gate-default-$run" ${CAP:-560} $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
-         --report-dir "reports/$tag-gate-default-$run" ;;
+         --report-dir "reports/$tag-gate-default" ;;
   gates)  # issue 13: the second (warm) default-model gate and the 7B gate in one call
     run=${RUN:-2}
     step "gate-default-$run" ${CAP:-280} $GATE --model smollm2-135m --thresholds examples/thresholds-smollm2-135m.json \
-         --report-dir "reports/$tag-gate-default-$run"
+         --report-dir "reports/$tag-gate-default"
     step gate-7b ${CAP7B:-290} $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
   faults)  # issue 14: each planted attention fault must make the bf16 quick gate exit non-zero
     for fault in ${FAULTS:-attention_scale_off_1pct attention_causal_shift attention_padding_ignored attention_decode_drops_first_key attention_probs_rounded_bf16}; do

@@ -4,7 +4,9 @@
                            [--memory-budget 70GiB] [--thresholds FILE] [-- extra pytest args]
 
 Exit status 0 only when every equivalence, agreement and budget check passed (pytest's status is
-passed through). Benchmarks are recorded to the run's report directory; with --baseline they are
+passed through). On a GPU with a small model the tests that do not measure the device run in up
+to four pytest processes side by side, then the exclusive ones (speed, memory) alone
+(harness.sharding); the processes' reports are merged into one (harness.report_merge). Benchmarks are recorded to the run's report directory; with --baseline they are
 compared against it and a regression beyond --max-regression fails the gate.
 """
 
@@ -14,6 +16,7 @@ import argparse
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PROFILES = {
@@ -25,13 +28,13 @@ PROFILES = {
 }
 
 
-def build_command(opts, extra: list[str]) -> tuple[list[str], dict]:
+def build_command(opts, extra: list[str], report_dir: str | None = None) -> tuple[list[str], dict]:
     # suite files named after `--` replace the default of every suite
     selected = [a for a in extra if not a.startswith("-") and Path(a.split("::")[0]).exists()]
     targets = [] if selected else [str(Path(opts.suites))]
     cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider",
            "--model", opts.model, "--device", opts.device, "--dtype", opts.dtype,
-           "--report-dir", opts.report_dir, "-rfEs", "--durations=15"]
+           "--report-dir", report_dir or opts.report_dir, "-rfEs", "--durations=15"]
     if opts.memory_budget:
         cmd += ["--memory-budget", opts.memory_budget]
     if opts.thresholds:
@@ -42,6 +45,92 @@ def build_command(opts, extra: list[str]) -> tuple[list[str], dict]:
     env = dict(os.environ, **PROFILES[opts.profile]["env"])
     env.setdefault("HF_HUB_OFFLINE", "1")
     return cmd, env
+
+
+# ---------------------------------------------------------------------------------------------
+# Side by side on one device (harness.sharding): how many processes, and their commands
+
+MAX_JOBS = 4
+CPUS_PER_JOB = 4  # each process compiles (inductor's workers) and runs generate()'s Python loop
+# A model whose weights exceed this runs in one process: the harness sizes its references by the
+# device's free memory (harness.reference_sizing), which processes side by side would race for.
+SHARED_DEVICE_MAX_WEIGHT_BYTES = 2 * 2**30
+
+
+def visible_gpu_count(device: str) -> int:
+    if device == "cpu" or os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # no driver, no NVML: a CPU host as far as the gate is concerned
+        return 0
+
+
+def model_weight_bytes(model: str) -> int | None:
+    """The largest model's weight files on disk (None: unknown, e.g. a hub id, or a large preset)."""
+    from harness.presets import PRESETS
+
+    largest = 0
+    for text in (m.strip() for m in model.split(",") if m.strip()):
+        if text in ("default", "smollm2-135m", "tiny:all") or text.startswith("tiny:"):
+            continue
+        if text.startswith("random:"):
+            preset = PRESETS.get(text)
+            if preset is None or preset.large:
+                return None
+            continue
+        path = Path(text).expanduser()
+        if not path.exists():
+            return None
+        files = [path] if path.is_file() else [f for f in path.rglob("*")
+                                               if f.suffix in (".safetensors", ".gguf", ".bin", ".pt", ".pth")]
+        largest = max(largest, sum(f.stat().st_size for f in files))
+    return largest
+
+
+def resolve_jobs(opts, extra: list[str]) -> tuple[int, str]:
+    """(processes for the side-by-side phase, why that many)."""
+    if opts.jobs != "auto":
+        return max(1, int(opts.jobs)), "--jobs"
+    if any(a in ("-m", "-n", "--shard") or a.startswith(("-m=", "--shard=")) for a in extra):
+        return 1, "the extra pytest arguments choose the selection"
+    if opts.memory_budget:
+        return 1, "a memory budget is checked with NVML, which reads the whole device"
+    if not visible_gpu_count(opts.device):
+        return 1, "no GPU: the CPU's cores are already busy in one process"
+    weights = model_weight_bytes(opts.model)
+    if weights is None or weights > SHARED_DEVICE_MAX_WEIGHT_BYTES:
+        return 1, "a large (or unknown-size) model: references are sized by the device's free memory"
+    return max(1, min(MAX_JOBS, (os.cpu_count() or 1) // CPUS_PER_JOB)), "GPU, small model"
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    selection: list[str]  # the pytest arguments that pick this process's tests
+    cmd: list[str]
+    env: dict
+    report_dir: Path
+
+
+def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[Process]:
+    """Every process of a side-by-side run: the shards (run together), then the exclusive tests
+    (alone, last)."""
+    from harness.sharding import EXCLUSIVE_MARKER, SHARED_DEVICE_VARIABLE
+
+    processes = []
+    for k in range(1, jobs + 1):
+        selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard", f"{k}/{jobs}"]
+        cmd, env = build_command(opts, extra + selection, str(parts_root / f"shard{k}"))
+        processes.append(Process(f"shard {k}/{jobs}", selection, cmd, {**env, SHARED_DEVICE_VARIABLE: "1"},
+                                 parts_root / f"shard{k}"))
+    selection = ["-m", EXCLUSIVE_MARKER]
+    cmd, env = build_command(opts, extra + selection, str(parts_root / "exclusive"))
+    processes.append(Process("exclusive", selection, cmd, env, parts_root / "exclusive"))
+    return processes
 
 
 def parse(argv):
@@ -58,7 +147,9 @@ def parse(argv):
     p.add_argument("--max-regression", default="10%", help="allowed median slowdown vs the baseline (default 10%%)")
     p.add_argument("--report-dir", default="reports")
     p.add_argument("--suites", default=str(Path(__file__).resolve().parent.parent / "suites"))
-    p.add_argument("--dry-run", action="store_true", help="print the pytest command and exit")
+    p.add_argument("--jobs", default="auto", help="pytest processes side by side on the GPU for the tests that do not "
+                   "measure the device (auto: up to 4 for a small model on a GPU, else 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the pytest command(s) and exit")
     if "--" in argv:
         i = argv.index("--")
         return p.parse_args(argv[:i]), argv[i + 1:]
@@ -67,22 +158,125 @@ def parse(argv):
 
 def main(argv=None) -> int:
     opts, extra = parse(sys.argv[1:] if argv is None else argv)
-    cmd, env = build_command(opts, extra)
+    if opts.jobs != "auto" and not opts.jobs.isdigit():
+        print(f"harness.gate: --jobs expects a number or auto, got {opts.jobs!r}", file=sys.stderr)
+        return 4
+    jobs, why = resolve_jobs(opts, extra)
     if opts.dry_run:
-        print(" ".join(cmd))
+        if jobs == 1:
+            print(" ".join(build_command(opts, extra)[0]))
+        for process in phase_commands(opts, extra, jobs, Path(opts.report_dir) / ".gate-parts") if jobs > 1 else []:
+            print(f"# {process.name}\n{' '.join(process.cmd)}")
         return 0
     if not Path(opts.suites).is_dir():
         print(f"harness.gate: no suites directory at {opts.suites}", file=sys.stderr)
         return 4
+    if jobs == 1:
+        status = _run_one(*build_command(opts, extra), opts)
+    else:
+        print(f"harness.gate: {jobs} processes side by side, then the exclusive tests alone ({why})", flush=True)
+        status = _run_phases(opts, extra, jobs)
+    return max(status, _benchmarks_after_run(opts))
+
+
+def _run_one(cmd, env, opts) -> int:
     child = subprocess.Popen(cmd, env=env)
     try:
-        status = child.wait()
+        return child.wait()
     except KeyboardInterrupt:  # pytest got the same interrupt: let it print its summary and write the report
         status = child.wait()
         print(f"harness.gate: interrupted; the report under {opts.report_dir}/latest holds the tests that ran",
               file=sys.stderr)
         return status or 130
-    return max(status, _benchmarks_after_run(opts))
+
+
+def _run_phases(opts, extra, jobs) -> int:
+    import shutil
+    import time
+    from types import SimpleNamespace
+
+    from harness.report import new_run_dir
+    from harness.report_merge import merge_run_dirs
+
+    started = time.monotonic()
+    parts_root = Path(opts.report_dir) / f".gate-parts-{os.getpid()}"
+    (parts_root / "logs").mkdir(parents=True, exist_ok=True)
+    processes = phase_commands(opts, extra, jobs, parts_root)
+    interrupted = False
+    try:
+        _run_processes(processes, parts_root)
+    except KeyboardInterrupt:
+        interrupted = True
+    parts = [((p.report_dir / "latest").resolve(), {"name": p.name, "selection": " ".join(p.selection)})
+             for p in processes]
+    model_name = next((d.name.split("-", 2)[-1] for d, _ in parts if d.is_dir()), "run")
+    run_dir = new_run_dir(Path(opts.report_dir), [SimpleNamespace(name=model_name)])
+    try:
+        summary = merge_run_dirs(parts, run_dir, time.monotonic() - started)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"harness.gate: no report: {exc}; the processes' logs are in {parts_root}", file=sys.stderr)
+        return max(_part_statuses(parts_root)) or 3
+    shutil.copytree(parts_root / "logs", run_dir / "logs")
+    shutil.rmtree(parts_root, ignore_errors=True)
+    print(f"harness.gate: {summary['verdict']} in {summary['wall_time_s']:.0f} s; report {run_dir / 'report.md'}, "
+          f"each process's output in {run_dir / 'logs'}", flush=True)
+    return 130 if interrupted else summary["exit_status"]
+
+
+def _run_processes(processes: list[Process], parts_root: Path) -> None:
+    """Start every process at once (the exclusive one imports and collects, then waits for the
+    shards: harness.sharding.wait_for_start); when the shards are done, let it run; print each
+    one's summary line and failures as it ends."""
+    from harness.sharding import HISTORY_VARIABLE, START_AFTER_VARIABLE
+
+    flag = parts_root / "shards-done"
+    history = Path(processes[0].report_dir).parent.parent / "latest" / "results.json"
+    threads = str(max(1, (os.cpu_count() or 1) // max(1, len(processes) - 1)))
+    running = []
+    for process in processes:
+        env = dict(process.env)
+        if history.is_file():
+            env.setdefault(HISTORY_VARIABLE, str(history.resolve()))
+        if process is processes[-1]:
+            env[START_AFTER_VARIABLE] = str(flag)
+        else:
+            env.setdefault("OMP_NUM_THREADS", threads)  # the shards share the host's cores
+        log = parts_root / "logs" / f"{process.name.replace(' ', '-').replace('/', '-of-')}.log"
+        with open(log, "w") as out:
+            child = subprocess.Popen(process.cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running.append((process.name, log, child))
+    try:
+        for i, (name, log, child) in enumerate(running):
+            if i == len(running) - 1:
+                flag.touch()
+            _report_process(name, log, child.wait())
+    except KeyboardInterrupt:  # from a terminal every child got it too; from `timeout -s INT` only the gate
+        import signal
+
+        flag.touch()
+        for _name, _log, child in running:
+            try:
+                child.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                child.send_signal(signal.SIGINT)  # pytest stops, prints its summary and writes its report
+        for _name, _log, child in running:
+            child.wait()
+        raise
+
+
+def _report_process(name: str, log: Path, status: int) -> None:
+    lines = log.read_text(errors="replace").splitlines()
+    last = next((line.strip("= ") for line in reversed(lines) if line.strip()), "no output")
+    print(f"harness.gate: {name}: {last} (exit {status})", flush=True)
+    for line in lines:
+        if line.startswith(("FAILED ", "ERROR ")):
+            print(f"  {line}", flush=True)
+    (log.parent / f"{log.stem}.status").write_text(str(status))
+
+
+def _part_statuses(parts_root: Path) -> list[int]:
+    found = [int(p.read_text()) for p in (parts_root / "logs").glob("*.status")]
+    return found or [3]
 
 
 def _benchmarks_after_run(opts) -> int:

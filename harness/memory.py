@@ -314,9 +314,15 @@ class _CudaMeter(_Meter):
         import torch
 
         self.torch, self.device = torch, device
-        self.nvml = _nvml_handle(device)
+        from harness.sharding import SHARED_DEVICE_VARIABLE, device_is_shared
+
+        shared = device_is_shared()
+        self.nvml = None if shared else _nvml_handle(device)
         method = "CUDA: torch allocator peaks (reset at start) + NVML device used memory polled every 10 ms"
-        if self.nvml is None:
+        if shared:  # NVML reads the whole device, so the other processes' memory too
+            method = (f"CUDA: torch allocator peaks (reset at start); NVML not read: other processes share "
+                      f"the device (${SHARED_DEVICE_VARIABLE})")
+        elif self.nvml is None:
             method = "CUDA: torch allocator peaks (reset at start); NVML unavailable, so memory outside PyTorch is not counted"
         self.result = MemoryPeak(device=str(device), method=method)
         self._sampler = None

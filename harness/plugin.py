@@ -41,6 +41,9 @@ def pytest_addoption(parser):
     group.addoption("--allow-remote-code", action="store_true", help="allow models that ship their own Python code")
     group.addoption("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) checkpoints")
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow (the full profile)")
+    group.addoption("--shard", default=None, metavar="K/N",
+                    help="run only the K-th of N parts of the collected tests (whole test functions; "
+                         "harness.gate runs N such processes side by side)")
 
 
 def _run_config(config) -> RunConfig:
@@ -66,6 +69,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped with the reason on CPU")
     config.addinivalue_line("markers", "slow: part of the full profile; runs only with --run-slow")
     config.addinivalue_line("markers", "acceptance: checks that need trained weights")
+    config.addinivalue_line("markers", "exclusive: times the device or reads its memory: harness.gate runs it alone "
+                            "on the device, after the tests it runs side by side")
     config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
     config.addinivalue_line("markers", "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
                             "memory_budget(None) exempts a test from --memory-budget")
@@ -208,6 +213,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state['device']}"))
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
+    if config.getoption("--shard"):
+        _keep_shard(config, items)
+
+
+def _keep_shard(config, items) -> None:
+    import os
+
+    from harness.sharding import HISTORY_VARIABLE, assign_shards, history_weights, parse_shard
+
+    try:
+        shard = parse_shard(config.getoption("--shard"))
+    except HarnessUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    nodeids = [item.nodeid for item in items]
+    weights = history_weights(nodeids, [item.get_closest_marker("skip") is not None for item in items],
+                              os.environ.get(HISTORY_VARIABLE))
+    owner = assign_shards(nodeids, shard.count, weights)
+    keep = [item for item, index in zip(items, owner) if index == shard.index - 1]
+    dropped = [item for item, index in zip(items, owner) if index != shard.index - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def _group_items_by_model(items, specs) -> None:
@@ -222,6 +249,15 @@ def _group_items_by_model(items, specs) -> None:
         return -1 if spec is None else position.get(spec.name, len(position))
 
     items.sort(key=model_index)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """A process the gate starts beside its shards waits for them before its first test."""
+    from harness.sharding import wait_for_start
+
+    if session.testscollected and not wait_for_start():
+        raise session.Interrupted("harness: the gate that started this process is gone; no test was run")
 
 
 def pytest_runtest_setup(item):

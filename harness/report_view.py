@@ -688,7 +688,18 @@ def suites_section(summary: dict) -> Section:
     section.tables.append(Table(["suite", "passed", "failed", "skipped", "errors", "set-up s", "compile s", "measure s",
                                  "total s"], body, ["l"] + ["r"] * 8,
                                 caption="Time: fixture set-up and teardown, torch.compile inside any phase "
-                                        "(inductor, flex_attention, CUDA graphs), and the tests' own calls."))
+                                        "(inductor, flex_attention, CUDA graphs), and the tests' own calls."
+                                        + (" Summed over the processes below (process seconds, not wall time)."
+                                           if summary.get("phases") else "")))
+    if summary.get("phases"):  # harness.gate ran shards side by side, then the exclusive tests alone
+        section.tables.append(Table(
+            ["process", "selection", "exit", "wall s", "tests"],
+            [[Cell(p["name"]), Cell(p.get("selection", "")), Cell(str(p.get("exit_status")), "fail" if p.get("exit_status") not in (0, 5) else None),
+              Cell(f"{p['wall_time_s']:.1f}" if is_number(p.get("wall_time_s")) else "n/a"), Cell(str(p.get("tests", 0)))]
+             for p in summary["phases"]], ["l", "l", "r", "r", "r"],
+            caption="The gate's processes: the shards ran side by side, then the exclusive tests (speed, device "
+                    "memory) alone on the device (harness.sharding). The exclusive process started with the "
+                    "shards and waited for them, so its wall time includes that wait."))
     return section
 
 

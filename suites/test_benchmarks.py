@@ -32,13 +32,17 @@ from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_
 SYNCED = {"timer": device_timer, "disable_gc": True}
 # Single-call benchmarks: measured by do_bench_times, then replayed through this timer.
 REPLAYED = {"timer": replay_clock, "disable_gc": True}
-pytestmark = pytest.mark.benchmark(group="generate", **SYNCED)
+# exclusive: every test here times the device, so harness.gate runs them alone on it
+pytestmark = [pytest.mark.benchmark(group="generate", **SYNCED), pytest.mark.exclusive]
 
 SHAPE = {"cpu": {"prompt": 16, "new_tokens": 4, "rounds": 2, "warmup": 1},
          "cuda": {"prompt": 512, "new_tokens": 32, "rounds": 3, "warmup": 1}}
 CPU_MAX_BATCH = 1
 ATTN = ["eager", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.needs("flash_attention_2"))]
-BATCHES = [1, 4, 16, 64]
+# 1 and 16 are the quick gate's pair (latency alone, a batch where the GPU is busy); 4 and 64 fill
+# in the curve in the full profile (each decode level is ~4 s of the H200 gate, ~1/4 of the
+# exclusive phase the gate runs alone on the device)
+BATCHES = [1, pytest.param(4, marks=pytest.mark.slow), 16, pytest.param(64, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="session")
@@ -183,8 +187,12 @@ def test_decode_cache_implementation(benchmark, cache, speed_spec, model_factory
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
-def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device, device_peaks, run_config, record_result):
+def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device, device_peaks, run_config, record_result,
+                      dtype):
+    run_dtype = dtype
     dtype = getattr(torch, half)
+    if dtype == run_dtype:
+        pytest.skip(f"{half} is this run's dtype: test_decode_time_per_output_token[<model>-sdpa-1] measures it")
     model = _variant_model(model_factory, "sdpa", dtype=dtype)
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, "none", device, device_peaks)

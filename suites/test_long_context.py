@@ -416,6 +416,7 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
 
 
 @pytest.mark.gpu
+@pytest.mark.exclusive
 @pytest.mark.memory_budget(None)
 def test_long_prompt_fits_budget_with_fused_attention_but_not_with_eager(model_spec, model_factory, long_context_attn,
                                                                          tokenizer, device, dtype, run_config,

@@ -24,6 +24,10 @@ from harness.models import load_model
 from harness.quantization import quantization_config
 from harness.timing import prefill_flops
 
+# exclusive: these tests read the device's memory (NVML counts every process), so harness.gate runs
+# them alone on it
+pytestmark = pytest.mark.exclusive
+
 # A CPU run keeps each prefill under this many FLOPs (a few seconds on 2 cores); bigger ones need
 # --run-slow. On CUDA every length runs.
 CPU_PREFILL_FLOPS = 1e11

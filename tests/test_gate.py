@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from harness import gate
 
 
@@ -60,3 +62,58 @@ def test_baseline_is_saved_from_the_run(tmp_path):
     opts, _ = gate.parse(["--save-baseline", str(tmp_path / "base.json"), "--report-dir", str(tmp_path)])
     assert gate._benchmarks_after_run(opts) == 0
     assert json.loads((tmp_path / "base.json").read_text()) == {"benchmarks": []}
+
+
+# ---------------------------------------------------------------------------------------------
+# Side by side on one GPU (harness.sharding): how many processes, and one report from them
+
+
+@pytest.mark.parametrize("argv, gpus, expected", [
+    (["--model", "smollm2-135m"], 1, 4),                          # small model on a GPU host (16 CPUs)
+    (["--model", "smollm2-135m", "--device", "cpu"], 1, 1),
+    (["--model", "smollm2-135m"], 0, 1),                          # no GPU
+    (["--model", "random:llama-7b"], 1, 1),                       # references sized by free memory
+    (["--model", "smollm2-135m", "--memory-budget", "9GiB"], 1, 1),  # NVML reads the whole device
+    (["--model", "smollm2-135m", "--jobs", "2"], 0, 2),
+    (["--model", "smollm2-135m", "--", "-m", "gpu"], 1, 1),       # the user chose the selection
+])
+def test_side_by_side_processes(argv, gpus, expected, monkeypatch):
+    monkeypatch.setattr(gate, "visible_gpu_count", lambda device: 0 if device == "cpu" else gpus)
+    monkeypatch.setattr(gate.os, "cpu_count", lambda: 16)
+    opts, extra = gate.parse(argv)
+    assert gate.resolve_jobs(opts, extra)[0] == expected
+
+
+def test_dry_run_lists_shards_then_the_exclusive_tests(capsys):
+    assert gate.main(["--model", "tiny:llama", "--jobs", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.index("# shard 1/2") < out.index("# shard 2/2") < out.index("# exclusive")
+    assert "-m not exclusive --shard 2/2" in out and out.rstrip().endswith("-m exclusive")
+
+
+def test_side_by_side_gate_merges_one_report(tmp_path):
+    """Two shards and the exclusive process, through the real command: one report, the failure in
+    it, the exclusive test run alone (without the shared-device flag), every test once."""
+    (tmp_path / "conftest.py").write_text("pytest_plugins = ['harness.plugin']\n")
+    (tmp_path / "test_mix.py").write_text(
+        "import os\nimport pytest\n"
+        "def test_ok(reference_model):\n    assert reference_model\n"
+        "def test_bad():\n    assert False, 'planted'\n"
+        "@pytest.mark.exclusive\n"
+        "def test_alone(record_result):\n"
+        "    record_result('env', 'shared', os.environ.get('HARNESS_SHARED_DEVICE', 'no'))\n")
+    run = subprocess.run([sys.executable, "-m", "harness.gate", "--model", "tiny:llama", "--device", "cpu", "--jobs", "2",
+                          "--report-dir", str(tmp_path / "reports"), "--suites", str(tmp_path), "--",
+                          str(tmp_path / "test_mix.py")], capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    assert any(line.strip().startswith("FAILED") and "test_bad" in line for line in run.stdout.splitlines())
+    latest = tmp_path / "reports" / "latest"
+    summary = json.loads((latest / "results.json").read_text())
+    calls = sorted(row["nodeid"].split("::")[-1] for row in summary["outcomes"] if row["when"] == "call")
+    assert calls == ["test_alone", "test_bad", "test_ok[tiny:llama]"]
+    assert [p["name"] for p in summary["phases"]] == ["shard 1/2", "shard 2/2", "exclusive"]
+    assert [r["value"] for r in summary["results"] if r["check"] == "env"] == ["no"]
+    assert (latest / "report.md").read_text().startswith("# Inference validation report: FAIL")
+    assert sorted(p.name for p in (latest / "logs").glob("*.log")) == ["exclusive.log", "shard-1-of-2.log",
+                                                                       "shard-2-of-2.log"]
+    assert not list((tmp_path / "reports").glob(".gate-parts-*"))

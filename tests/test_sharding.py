@@ -1,0 +1,130 @@
+"""The gate's side-by-side run (harness.sharding, harness.report_merge): every test in exactly one
+shard, whole functions together, and one report from several processes."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from harness.errors import HarnessUsageError
+from harness.report_merge import merge_junit, merge_suite_times, merged_exit_status
+from harness.sharding import assign_shards, parse_shard
+
+NODEIDS = [f"suites/test_a.py::test_big[{i}]" for i in range(6)] + [
+    "suites/test_a.py::test_one", "suites/test_b.py::test_two[x]", "suites/test_b.py::test_two[y]",
+    "suites/test_b.py::test_three"]
+
+
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1-2", "", "a/b"])
+def test_bad_shard_is_a_usage_error(text):
+    with pytest.raises(HarnessUsageError, match="--shard expects K/N"):
+        parse_shard(text)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 20])
+def test_every_item_in_one_shard_and_each_function_whole(count):
+    owner = assign_shards(NODEIDS, count)
+    assert len(owner) == len(NODEIDS) and all(0 <= o < count for o in owner)
+    by_function = {}
+    for nodeid, shard in zip(NODEIDS, owner):
+        by_function.setdefault(nodeid.split("[")[0], set()).add(shard)
+    assert all(len(shards) == 1 for shards in by_function.values())
+
+
+def test_shards_are_balanced_by_weight():
+    owner = assign_shards(NODEIDS, 2)
+    loads = [owner.count(0), owner.count(1)]
+    assert loads == [6, 4]  # the 6-item function alone; the four single functions together
+    skipped_big = assign_shards(NODEIDS, 2, weights=[0.0] * 6 + [1.0] * 4)
+    assert skipped_big[6:].count(0) == 2 and skipped_big[6:].count(1) == 2  # items that will skip weigh nothing
+
+
+def test_merged_status_ignores_empty_shards():
+    assert merged_exit_status([0, 5, 0]) == 0
+    assert merged_exit_status([0, 1, 5]) == 1
+    assert merged_exit_status([5, 5]) == 5
+    assert merged_exit_status([1, 4]) == 4
+
+
+def test_suite_times_are_summed_over_processes():
+    row = {"suite": "test_a", "setup_s": 1.0, "compile_s": 2.0, "measure_s": 3.0, "tests": 2, "total_s": 6.0}
+    total = {**row, "suite": "total"}
+    merged = merge_suite_times([[row, total], [dict(row, measure_s=5.0), total]])
+    assert merged[0] == {"suite": "test_a", "setup_s": 2.0, "compile_s": 4.0, "measure_s": 8.0, "tests": 4,
+                         "total_s": 14.0}
+    assert merged[-1]["suite"] == "total" and merged[-1]["total_s"] == 14.0
+
+
+def test_junit_files_merge_into_one_suite(tmp_path):
+    for i, outcome in enumerate(["", "<failure message='x'/>"]):
+        (tmp_path / f"{i}.xml").write_text(
+            f'<testsuites><testsuite name="pytest" tests="1" errors="0" failures="{i}" skipped="0" time="1.5">'
+            f'<testcase classname="t" name="test_{i}">{outcome}</testcase></testsuite></testsuites>')
+    merge_junit([tmp_path / "0.xml", tmp_path / "1.xml", tmp_path / "missing.xml"], tmp_path / "junit.xml")
+    suite = ET.parse(tmp_path / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("time")) == ("2", "1", "3.000")
+    assert [c.get("name") for c in suite.iter("testcase")] == ["test_0", "test_1"]
+
+
+SHARDED_SUITE = '''
+import os
+import pytest
+
+@pytest.mark.parametrize("i", range(3))
+def test_many(i):
+    pass
+
+def test_single():
+    pass
+
+def test_device_shared(record_result):
+    record_result("env", "shared", os.environ.get("HARNESS_SHARED_DEVICE", ""))
+'''
+
+
+def test_shards_of_a_run_cover_it_exactly_once(pytester):
+    pytester.makepyfile(test_demo=SHARDED_SUITE)
+    ran = []
+    for k in (1, 2, 3):
+        result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                              "--device", "cpu", "--shard", f"{k}/3", "-v")
+        ran += [line.split(" ")[0] for line in result.outlines if " PASSED" in line]
+    assert sorted(ran) == sorted(["test_demo.py::test_many[0]", "test_demo.py::test_many[1]", "test_demo.py::test_many[2]",
+                                  "test_demo.py::test_single", "test_demo.py::test_device_shared"])
+    bad = pytester.runpytest_inprocess("-p", "harness.plugin", "--device", "cpu", "--shard", "4/3")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--shard expects K/N" in bad.stderr.str()
+
+
+def test_memory_meter_does_not_read_nvml_on_a_shared_device(monkeypatch):
+    """NVML reads the whole device: beside other shards it would count their memory as this test's."""
+    from harness import memory
+
+    monkeypatch.setattr(memory, "_nvml_handle", lambda device: pytest.fail("NVML was opened on a shared device"))
+    monkeypatch.setenv("HARNESS_SHARED_DEVICE", "1")
+    meter = memory._CudaMeter("cuda:0")
+    assert meter.nvml is None and "NVML not read: other processes share the device" in meter.result.method
+
+
+def test_an_earlier_run_weighs_the_shards_by_time(tmp_path):
+    from harness.sharding import history_weights
+
+    history = tmp_path / "results.json"
+    history.write_text(json.dumps({"outcomes": [
+        {"nodeid": "a", "when": "call", "duration_s": 40.0}, {"nodeid": "b", "when": "call", "duration_s": 2.0},
+        {"nodeid": "c", "when": "setup", "duration_s": 9.0}, {"nodeid": "d", "when": "call", "duration_s": 4.0}]}))
+    weights = history_weights(["a", "b", "c", "e"], [False, False, False, True], str(history))
+    assert weights == [40.0, 2.0, 21.0, 0.0]  # c: no call duration, so the median of a and b; e: marked to skip
+    assert history_weights(["a", "b"], [False, False], str(tmp_path / "missing.json")) == [1.0, 1.0]
+    assert assign_shards(["x::big", "y::s1", "y::s2"], 2, [40.0, 2.0, 4.0]) == [0, 1, 1]
+
+
+def test_waiting_process_starts_when_the_flag_appears(tmp_path):
+    import threading
+
+    from harness.sharding import wait_for_start
+
+    flag = tmp_path / "go"
+    assert wait_for_start({})
+    threading.Timer(0.3, flag.touch).start()
+    assert wait_for_start({"HARNESS_START_AFTER": str(flag)}, poll_s=0.05) and flag.exists()
