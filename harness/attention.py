@@ -301,23 +301,52 @@ class AttentionCase:
         return q, k, v, mask
 
 
-def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3):
+# The quick profile's kernel search (issue 15): flex_attention and flash-attn-4 compile one kernel
+# per new input shape, so a free search compiles one per example (flex fp32 on the H200: 34 s of a
+# cold gate). In the quick profile the shapes come from these buckets, each showing a structure the
+# faults in tests/planted_faults.py need: decode with GQA, square prefill with MHA, chunked prefill
+# with MQA and odd lengths, a head size that is no multiple of 16, and, where the suite allows long
+# inputs, a long prefill and a long decode. Masks, padding, windows, causality and values are still
+# drawn freely. The full and explore profiles search every shape.
+# (batch, kv_heads, groups, q_len, k_len, head_dim); groups 1 = MHA, kv_heads 1 with groups > 1 = MQA
+SHAPE_BUCKETS = ((1, 2, 3, 1, 40, 64), (2, 4, 1, 40, 40, 128), (3, 1, 2, 17, 33, 80), (2, 2, 2, 7, 7, 36))
+LONG_SHAPE_BUCKETS = ((2, 2, 2, 160, 160, 64), (1, 1, 4, 1, 127, 128))
+FREE_SEARCH_PROFILES = ("full", "explore")
+
+
+def bucketed_search(environ=None) -> bool:
+    """Whether this run's hypothesis profile (HYPOTHESIS_PROFILE, default ci) draws kernel-search
+    shapes from SHAPE_BUCKETS."""
+    import os
+
+    return (environ if environ is not None else os.environ).get("HYPOTHESIS_PROFILE", "ci") not in FREE_SEARCH_PROFILES
+
+
+def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3,
+                    buckets: bool = False):
     """hypothesis strategy over AttentionCase: decode (q_len=1), chunked prefill (q_len < k_len),
-    square prefill, GQA/MQA/MHA, masks, padding on either side, windows."""
+    square prefill, GQA/MQA/MHA, masks, padding on either side, windows. With ``buckets`` the
+    shapes come from SHAPE_BUCKETS (and LONG_SHAPE_BUCKETS when max_len allows them)."""
     from hypothesis import strategies as st
+
+    shapes = [b for b in SHAPE_BUCKETS + LONG_SHAPE_BUCKETS if b[4] <= max_len and b[0] <= max_batch]
 
     @st.composite
     def cases(draw):
-        batch = draw(st.integers(1, max_batch))
-        kv_heads = draw(st.sampled_from([1, 2, 4]))
-        groups = draw(st.sampled_from([1, 2, 3]))  # 1 = MHA; kv_heads=1 with groups>1 = MQA
-        k_len = draw(st.integers(1, max_len))
-        q_len = draw(st.one_of(st.just(1), st.just(k_len), st.integers(1, k_len)))
+        if buckets:
+            batch, kv_heads, groups, q_len, k_len, head_dim = draw(st.sampled_from(shapes))
+        else:
+            batch = draw(st.integers(1, max_batch))
+            kv_heads = draw(st.sampled_from([1, 2, 4]))
+            groups = draw(st.sampled_from([1, 2, 3]))  # 1 = MHA; kv_heads=1 with groups>1 = MQA
+            k_len = draw(st.integers(1, max_len))
+            q_len = draw(st.one_of(st.just(1), st.just(k_len), st.integers(1, k_len)))
+            head_dim = draw(st.sampled_from(head_dims))
         mask = draw(st.sampled_from(["none", "bool", "additive"]))
         valid = tuple(draw(st.integers(0, k_len)) for _ in range(batch)) if mask != "none" else ()
         return AttentionCase(
             batch=batch, q_heads=kv_heads * groups, kv_heads=kv_heads, q_len=q_len, k_len=k_len,
-            head_dim=draw(st.sampled_from(head_dims)), causal=draw(st.booleans()),
+            head_dim=head_dim, causal=draw(st.booleans()),
             window=draw(st.one_of(st.none(), st.integers(1, k_len + 1))), mask=mask,
             padding=draw(st.sampled_from(["left", "right"])), valid_keys=valid, seed=draw(st.integers(0, 2**31 - 1)))
 

@@ -58,13 +58,22 @@ def test_kernel_suite_rule_catches_fault_and_shrinks_to_its_feature(fault):
     print(f"{fault} ({FAULT_DESCRIPTIONS[fault]}): {verdict.message}")
 
 
+@pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
+def test_bucketed_search_of_the_quick_profile_catches_fault(fault):
+    """The quick profile draws shapes from harness.attention.SHAPE_BUCKETS (one compile per bucket):
+    that narrower search must still find every kernel fault, within the ci profile's 30 examples."""
+    find(attention_cases(buckets=True), _kernel_fails(KERNEL_FAULTS[fault], fault),
+         settings=settings(max_examples=30, derandomize=True, database=None))
+
+
+@pytest.mark.parametrize("buckets", [False, True], ids=["free", "bucketed"])
 @pytest.mark.parametrize("name", ["sdpa_math", "sdpa_flash", "flex_attention"])
-def test_correct_kernels_pass_the_same_search(name):
+def test_correct_kernels_pass_the_same_search(name, buckets):
     """The control: the search that finds every fault finds nothing in the real kernels (fp32 CPU)."""
     from hypothesis.errors import NoSuchExample
 
     with pytest.raises(NoSuchExample):
-        find(attention_cases(), _kernel_fails(KERNELS[name].fn, name),
+        find(attention_cases(buckets=buckets), _kernel_fails(KERNELS[name].fn, name),
              settings=settings(max_examples=60, derandomize=True, database=None))
 
 
