@@ -6,8 +6,9 @@
 Exit status 0 only when every equivalence, agreement and budget check passed (pytest's status is
 passed through). On a GPU with a small model the tests that do not measure the device run in up
 to four pytest processes side by side, then the exclusive ones (speed, memory) alone
-(harness.sharding); the processes' reports are merged into one (harness.report_merge). Benchmarks are recorded to the run's report directory; with --baseline they are
-compared against it and a regression beyond --max-regression fails the gate.
+(harness.sharding); the processes' reports are merged into one (harness.report_merge).
+Benchmarks are recorded to the run's report directory; with --baseline they are compared against
+it and a regression beyond --max-regression fails the gate.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def resolve_jobs(opts, extra: list[str]) -> tuple[int, str]:
     """(processes for the side-by-side phase, why that many)."""
     if opts.jobs != "auto":
         return max(1, int(opts.jobs)), "--jobs"
-    if any(a in ("-m", "-n", "--shard") or a.startswith(("-m=", "--shard=")) for a in extra):
+    if any(a in ("-m", "-n", "--shard-claims") or a.startswith(("-m=", "--shard-claims=")) for a in extra):
         return 1, "the extra pytest arguments choose the selection"
     if opts.memory_budget:
         return 1, "a memory budget is checked with NVML, which reads the whole device"
@@ -123,7 +124,7 @@ def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[
 
     processes = []
     for k in range(1, jobs + 1):
-        selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard", f"{k}/{jobs}"]
+        selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard-claims", str(parts_root / "claims")]
         cmd, env = build_command(opts, extra + selection, str(parts_root / f"shard{k}"))
         processes.append(Process(f"shard {k}/{jobs}", selection, cmd, {**env, SHARED_DEVICE_VARIABLE: "1"},
                                  parts_root / f"shard{k}"))
@@ -227,16 +228,13 @@ def _run_processes(processes: list[Process], parts_root: Path) -> None:
     """Start every process at once (the exclusive one imports and collects, then waits for the
     shards: harness.sharding.wait_for_start); when the shards are done, let it run; print each
     one's summary line and failures as it ends."""
-    from harness.sharding import HISTORY_VARIABLE, START_AFTER_VARIABLE
+    from harness.sharding import START_AFTER_VARIABLE
 
     flag = parts_root / "shards-done"
-    history = Path(processes[0].report_dir).parent.parent / "latest" / "results.json"
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(processes) - 1)))
     running = []
     for process in processes:
         env = dict(process.env)
-        if history.is_file():
-            env.setdefault(HISTORY_VARIABLE, str(history.resolve()))
         if process is processes[-1]:
             env[START_AFTER_VARIABLE] = str(flag)
         else:
