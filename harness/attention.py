@@ -18,8 +18,9 @@ Calling convention (every kernel-level implementation, including the planted fau
 * A query row whose keys are all masked has output 0 (not NaN, not a uniform average), as
   flash-attn defines it and as torch's SDPA (math, CPU flash) and flex_attention return.
 
-``KERNELS`` maps capability names (harness.capabilities) to :class:`KernelImpl`; ``MODEL_ATTENTION``
-maps them to (attn_implementation, context manager) for model-level runs.
+Which implementation is which backend (its capability name, transformers name, probe and limits)
+is harness.backends.attention's registry; this module holds the implementations, the reference
+and the comparison rules.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["KernelImpl", "KERNELS", "MODEL_ATTENTION", "structural_mask", "combined_bool_mask",
-           "eager_attention", "sdpa_attention", "flex_attention_impl", "model_attention",
-           "kernel_implementations"]
+__all__ = ["KernelImpl", "structural_mask", "combined_bool_mask", "eager_attention", "sdpa_attention",
+           "flex_attention_impl", "flash_attn_package_impl"]
 
 
 def structural_mask(q_len: int, k_len: int, *, causal: bool, window: int | None, device) -> torch.Tensor | None:
@@ -101,10 +101,6 @@ def eager_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None
     return torch.matmul(probs.to(q.dtype), v)
 
 
-SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
-
-
 def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None, backend: str = "MATH"):
     """torch SDPA forced to one backend (an unsupported input raises RuntimeError, never falls back)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -157,7 +153,7 @@ def flex_attention_impl(q, k, v, *, mask=None, causal=False, window=None, scale=
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _flash_attn_package_impl(module_name: str, fn_name: str = "flash_attn_func"):
+def flash_attn_package_impl(module_name: str, fn_name: str = "flash_attn_func"):
     """flash-attn's (batch, len, heads, dim) API wrapped to our convention; padding via a bool mask is
     not expressible there (it needs varlen packing), so these kernels take causal/window only."""
 
@@ -192,47 +188,6 @@ class KernelImpl:
     head_dim_multiple: int = 1
     causal_square_only: bool = False  # causal only where SDPA's top-left is_causal agrees (q_len == k_len or 1)
     low_precision_only: bool = False  # fp16/bf16 only (flash kernels)
-
-
-def kernel_implementations() -> dict[str, KernelImpl]:
-    impls = {"eager": KernelImpl("eager", eager_attention)}
-    for cap, backend in SDPA_BACKENDS.items():
-        impls[cap] = KernelImpl(cap, functools.partial(sdpa_attention, backend=backend))
-    impls["flex_attention"] = KernelImpl("flex_attention", flex_attention_impl)
-    fa = dict(dense_masks=False, additive_masks=False, low_precision_only=True, head_dim_multiple=8)
-    impls["flash_attention_2"] = KernelImpl("flash_attention_2", _flash_attn_package_impl("flash_attn"), **fa)
-    impls["flash_attention_3"] = KernelImpl("flash_attention_3", _flash_attn_package_impl("flash_attn_interface"), **fa)
-    impls["flash_attention_4"] = KernelImpl("flash_attention_4", _flash_attn_package_impl("flash_attn.cute"), **fa)
-    return impls
-
-
-KERNELS: dict[str, KernelImpl] = kernel_implementations()
-
-
-def _sdpa_context(backend: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(getattr(SDPBackend, backend))
-
-
-# capability name -> (transformers attn_implementation, zero-arg context-manager factory)
-MODEL_ATTENTION: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]] = {
-    "eager": ("eager", contextlib.nullcontext),
-    **{cap: ("sdpa", functools.partial(_sdpa_context, backend)) for cap, backend in SDPA_BACKENDS.items()},
-    "flex_attention": ("flex_attention", contextlib.nullcontext),
-    "flash_attention_2": ("flash_attention_2", contextlib.nullcontext),
-    "flash_attention_3": ("flash_attention_3", contextlib.nullcontext),
-    "flash_attention_4": ("flash_attention_4", contextlib.nullcontext),
-}
-
-
-def model_attention(capability: str) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
-    """(attn_implementation for from_pretrained/model_factory, context manager to run the forward in)."""
-    from harness.errors import HarnessUsageError
-
-    if capability not in MODEL_ATTENTION:
-        raise HarnessUsageError(f"no model-level attention for {capability!r}; known: {', '.join(MODEL_ATTENTION)}")
-    return MODEL_ATTENTION[capability]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +397,9 @@ def _reference_attention_forward(module, query, key, value, attention_mask, scal
 
 def reference_context():
     """The context the upcast reference runs in (SDPA forced to its math kernel, for Falcon)."""
-    return _sdpa_context("MATH")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass(frozen=True)

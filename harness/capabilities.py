@@ -2,6 +2,7 @@
 
 Each probe runs the backend for real on a tiny input where that is cheap (SDPA backends, flex
 attention, bitsandbytes), because version checks alone miss broken builds and unsupported dtypes.
+The attention backends' probes are their records in harness.backends.attention.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ class Capability:
         return asdict(self)
 
 
-SDPA_BACKENDS = {"sdpa_math": "MATH", "sdpa_efficient": "EFFICIENT_ATTENTION",
-                 "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
 BNB_SCHEMES = ("bnb_int8", "bnb_nf4", "bnb_fp4")
 
 
@@ -84,7 +83,7 @@ def resolve_dtype(text: str, device):
     return dtype
 
 
-def _try(fn) -> str | None:
+def try_probe(fn) -> str | None:
     """Run a probe; None if it worked, else the first line of what went wrong (warnings included)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -95,34 +94,6 @@ def _try(fn) -> str | None:
             hints = [str(w.message).splitlines()[0] for w in caught if "kernel" in str(w.message).lower()]
             return "; ".join([msg] + hints[:2])[:300]
     return None
-
-
-def _probe_sdpa(backend_name: str, device, dtype) -> str | None:
-    import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = getattr(SDPBackend, SDPA_BACKENDS[backend_name])
-    q = torch.randn(1, 2, 16, 64, device=device, dtype=dtype)
-
-    def run():
-        with sdpa_kernel(backend):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    return _try(run)
-
-
-def _probe_flex(device, dtype) -> str | None:
-    import torch
-
-    def run():
-        from torch.nn.attention.flex_attention import flex_attention
-
-        q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype)
-        torch.compile(flex_attention, dynamic=False)(q, q, q)
-
-    return _try(run)
 
 
 def _probe_bnb(scheme: str, device) -> str | None:
@@ -148,34 +119,7 @@ def _probe_bnb(scheme: str, device) -> str | None:
         if not torch.isfinite(out).all():
             raise RuntimeError("non-finite output from the quantised layer")
 
-    return _try(run)
-
-
-def _flash_attn_packages(device) -> list[Capability]:
-    import torch
-
-    found = []
-    specs = [("flash_attention_2", "flash_attn_2_cuda", (8, 0), "flash-attn 2 (pip install flash-attn)"),
-             ("flash_attention_3", "flash_attn_interface", (9, 0), "flash-attn 3 (hopper/ build of flash-attention)"),
-             ("flash_attention_4", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")]
-    for name, module, min_cc, package in specs:
-        try:
-            present = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError):
-            present = False
-        if not present:
-            found.append(Capability(name, "attention", False, f"package missing: {package}"))
-        elif device.type != "cuda":
-            found.append(Capability(name, "attention", False, "needs a CUDA device; this run is on CPU"))
-        elif torch.version.hip is not None and name != "flash_attention_2":
-            found.append(Capability(name, "attention", False, "not built for ROCm"))
-        elif torch.cuda.get_device_capability(device) < min_cc:
-            cc = torch.cuda.get_device_capability(device)
-            found.append(Capability(name, "attention", False, f"needs compute capability >= {min_cc[0]}.{min_cc[1]}, device has {cc[0]}.{cc[1]}"))
-        else:
-            err = _try(lambda m=module: importlib.import_module(m))
-            found.append(Capability(name, "attention", err is None, err or f"{module} imports"))
-    return found
+    return try_probe(run)
 
 
 def _nvml() -> Capability:
@@ -199,16 +143,9 @@ def detect(device, dtype) -> tuple[Capability, ...]:
     """The capability matrix for `device` and the run's `dtype` (probed once per process)."""
     import torch
 
-    caps = [Capability("eager", "attention", True, "plain PyTorch matmul + softmax")]
-    for name in SDPA_BACKENDS:
-        if name == "sdpa_cudnn" and device.type != "cuda":
-            caps.append(Capability(name, "attention", False, "cuDNN attention needs a CUDA device; this run is on CPU"))
-            continue
-        err = _probe_sdpa(name, device, dtype)
-        caps.append(Capability(name, "attention", err is None, err or f"ran on {device.type} in {dtype_name(dtype)}"))
-    err = _probe_flex(device, dtype)
-    caps.append(Capability("flex_attention", "attention", err is None, err or f"compiled and ran on {device.type}"))
-    caps.extend(_flash_attn_packages(device))
+    from harness.backends.attention import ATTENTION_BACKENDS
+
+    caps = [backend.capability(device, dtype) for backend in ATTENTION_BACKENDS.values()]
     for scheme in BNB_SCHEMES:
         err = _probe_bnb(scheme, device)
         caps.append(Capability(scheme, "quantization", err is None, err or f"quantised Linear ran on {device.type}"))

@@ -28,7 +28,7 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.attention import MODEL_ATTENTION
+    from harness.backends.attention import ATTENTION_BACKENDS
     from harness.generation import supports_static_cache
     from harness.models import first_line, model_config
 
@@ -38,7 +38,7 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
     except Exception as exc:  # noqa: BLE001 - reported as the row's reason
         return (Capability("config", category, False, f"cannot read the config: {type(exc).__name__}: {first_line(exc)}"),)
     runnable = {c.name for c in device_caps if c.available}
-    implementations = list(dict.fromkeys(impl for cap, (impl, _) in MODEL_ATTENTION.items() if cap in runnable))
+    implementations = list(dict.fromkeys(b.attn_implementation for b in ATTENTION_BACKENDS.values() if b.name in runnable))
     rows, built = [], None
     for impl in implementations:
         try:

@@ -20,17 +20,18 @@ def pad(tokenizer):
 @pytest.fixture
 def select_attention(request, require, run_config, device):
     """select_attention(backend) -> (attn_implementation, context factory), or a skip that says why:
-    not chosen by --attn, missing from the capability matrix, or flex_attention on CPU without
-    --run-slow (transformers compiles it with inductor: minutes per shape on 2 cores)."""
-    from harness.attention import model_attention
+    not chosen by --attn, missing from the capability matrix, or a backend transformers compiles per
+    shape (flex_attention) on CPU without --run-slow (inductor: minutes per shape on 2 cores)."""
+    from harness.backends.attention import ATTENTION_BACKENDS, model_attention
 
     def select(backend: str):
         if run_config.attn and backend not in run_config.attn:
             pytest.skip(f"{backend} not selected by --attn {','.join(run_config.attn)}")
         require(backend)
-        if backend == "flex_attention" and device.type == "cpu" and not request.config.getoption("--run-slow"):
-            pytest.skip("slow on CPU: transformers compiles flex_attention with inductor (minutes per shape on 2 cores); "
-                        "the kernel suite checks flex on CPU, --run-slow runs it here, the GPU run always does")
+        if (ATTENTION_BACKENDS[backend].compiles_model_per_shape_on_cpu and device.type == "cpu"
+                and not request.config.getoption("--run-slow")):
+            pytest.skip(f"slow on CPU: transformers compiles {backend} with inductor (minutes per shape on 2 cores); "
+                        "the kernel suite checks it on CPU, --run-slow runs it here, the GPU run always does")
         return model_attention(backend)
 
     return select

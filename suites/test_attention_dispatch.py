@@ -18,7 +18,7 @@ shows; on CPU the run is float32 already.
 import pytest
 import torch
 
-from harness.attention import MODEL_ATTENTION
+from harness.backends.attention import fused_backends
 from harness.capabilities import dtype_name
 from harness.layer_attention import (DispatchNotRecorded, compare_layer_calls, padded_token_batch, record_eager_calls,
                                      reference_outputs, replay_through_dispatch)
@@ -50,7 +50,7 @@ def recorded_eager_calls():
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("backend", [name for name in MODEL_ATTENTION if name != "eager"])
+@pytest.mark.parametrize("backend", fused_backends())
 def test_each_attention_call_matches_eager_on_its_inputs(backend, scenario, precision, model_spec, model_factory, device,
                                                          dtype, tolerances, run_config, select_attention,
                                                          recorded_eager_calls, record_result):

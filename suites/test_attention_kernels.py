@@ -19,11 +19,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, reject, settings
 
-from harness.attention import (KERNELS, AttentionCase, attention_cases, bucketed_search, check_attention_kernel,
-                               eager_attention, error_over_allowed)
+from harness.attention import (AttentionCase, attention_cases, bucketed_search, check_attention_kernel, eager_attention,
+                               error_over_allowed)
+from harness.backends.attention import ATTENTION_BACKENDS, fused_backends
 from harness.capabilities import dtype_name
 
-FUSED_KERNELS = [name for name in KERNELS if name != "eager"]
+FUSED_KERNELS = fused_backends()
 
 HARD_CASES = [
     # every key of batch row 0 is padding: its rows must be exactly 0, not NaN or a uniform average
@@ -46,21 +47,16 @@ def _with_hard_cases(test):
     return test
 
 
-def _selected(name, require, run_config):
-    """The implementation, or a skip naming why it cannot run here (--attn filter, capability matrix)."""
+def _selected(name, require, run_config, device, dtype):
+    """The kernel with the inputs it accepts on this device and dtype (its registry record), or a
+    skip naming why it cannot run here (--attn filter, capability matrix, no kernel for the dtype)."""
     if run_config.attn and name not in run_config.attn:
         pytest.skip(f"{name} not selected by --attn {','.join(run_config.attn)}")
     require(name)
-    return KERNELS[name]
-
-
-def _cuda_limits(impl, dtype):
-    """On CUDA the fused SDPA kernels take no dense mask (flash) or fp32 (flash, cuDNN): say so."""
-    if impl.name in ("sdpa_flash", "sdpa_cudnn"):
-        if dtype == torch.float32:
-            pytest.skip(f"{impl.name} has no float32 kernel on CUDA")
-        return dataclasses.replace(impl, dense_masks=False, windows=False, causal_square_only=True)
-    return impl
+    kernel = ATTENTION_BACKENDS[name].kernel_on(device.type, dtype)
+    if isinstance(kernel, str):
+        pytest.skip(kernel)
+    return kernel
 
 
 def _check(impl, case, dtype, device, tolerances, run_config, error_ratios):
@@ -119,7 +115,7 @@ def test_kernel_matches_fp64_reference_fp32_cpu(name, case, require, run_config,
     if device.type != "cpu":
         pytest.skip(f"the run's device is {device.type}: the capability matrix describes it, not the CPU; "
                     "test_kernel_matches_fp64_reference_fp32_cuda checks float32 there")
-    kernel = _selected(name, require, run_config)
+    kernel = _selected(name, require, run_config, device, torch.float32)
     if kernel.low_precision_only:
         pytest.skip(f"{name} computes in fp16/bf16 only")
     _check(kernel, case, torch.float32, torch.device("cpu"), tolerances, run_config, error_ratios)
@@ -133,8 +129,7 @@ def test_kernel_matches_fp64_reference_fp32_cpu(name, case, require, run_config,
 @_with_hard_cases
 def test_kernel_matches_fp64_reference_half_cuda(name, half, case, require, run_config, device, tolerances,
                                                  error_ratios):
-    kernel = _selected(name, require, run_config)
-    _check(_cuda_limits(kernel, half), case, half, device, tolerances, run_config, error_ratios)
+    _check(_selected(name, require, run_config, device, half), case, half, device, tolerances, run_config, error_ratios)
 
 
 @pytest.mark.gpu
@@ -142,10 +137,10 @@ def test_kernel_matches_fp64_reference_half_cuda(name, half, case, require, run_
 @COLLECTING
 @given(case=attention_cases(max_len=160, buckets=bucketed_search()))
 def test_kernel_matches_fp64_reference_fp32_cuda(name, case, require, run_config, device, tolerances, error_ratios):
-    kernel = _selected(name, require, run_config)
+    kernel = _selected(name, require, run_config, device, torch.float32)
     if kernel.low_precision_only:
         pytest.skip(f"{kernel.name} computes in fp16/bf16 only")
-    _check(_cuda_limits(kernel, torch.float32), case, torch.float32, device, tolerances, run_config, error_ratios)
+    _check(kernel, case, torch.float32, device, tolerances, run_config, error_ratios)
 
 
 # The reference itself: its conventions (documented in harness.attention) checked on cases whose

@@ -15,13 +15,14 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention import (MODEL_ATTENTION, compare_model_outputs, error_over_allowed, known_disagreement,
-                               model_forward, padded_position_ids, reference_context, upcast_reference)
+from harness.attention import (compare_model_outputs, error_over_allowed, known_disagreement, model_forward,
+                               padded_position_ids, reference_context, upcast_reference)
+from harness.backends.attention import fused_backends
 from harness.capabilities import dtype_name
 from harness.compare import compare_tensors
 from harness.memory import release_device_memory
 
-BACKENDS = [name for name in MODEL_ATTENTION if name != "eager"]
+BACKENDS = fused_backends()
 SCENARIOS = ["single", "left_padded", "right_padded", "past_sliding_window"]
 
 

@@ -17,8 +17,9 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from harness.attention import (KERNELS, attention_cases, check_attention_kernel, compare_model_outputs, model_forward,
+from harness.attention import (attention_cases, check_attention_kernel, compare_model_outputs, model_forward,
                                reference_context, upcast_reference)
+from harness.backends.attention import ATTENTION_BACKENDS
 from harness.config import Tolerances
 from harness.models import load_model, resolve_model
 from tests.planted_faults import (FAULT_DESCRIPTIONS, KERNEL_FAULTS, activate_planted_fault,
@@ -73,7 +74,7 @@ def test_correct_kernels_pass_the_same_search(name, buckets):
     from hypothesis.errors import NoSuchExample
 
     with pytest.raises(NoSuchExample):
-        find(attention_cases(buckets=buckets), _kernel_fails(KERNELS[name].fn, name),
+        find(attention_cases(buckets=buckets), _kernel_fails(ATTENTION_BACKENDS[name].kernel.fn, name),
              settings=settings(max_examples=60, derandomize=True, database=None))
 
 

@@ -1,0 +1,9 @@
+"""Registries: one record per thing the harness can validate, read by the capability matrix, the
+suites' parametrisation, the benchmarks and the report.
+
+- ``harness.backends.attention``: attention backends (kernel, transformers name and context,
+  capability probe, input limits per device and dtype).
+
+Adding a backend is one ``register(...)`` call in its registry module (plus its own test); no
+suite file changes.
+"""
