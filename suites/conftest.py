@@ -35,3 +35,12 @@ def select_attention(request, require, run_config, device):
         return model_attention(backend)
 
     return select
+
+
+@pytest.fixture(scope="session")
+def speed_spec(model_spec):
+    """The model under test, for speed measurements; a skip for the tiny presets."""
+    if model_spec.kind == "preset" and model_spec.name.startswith("tiny:"):
+        pytest.skip(f"{model_spec.name} is a correctness fixture (hidden size 64): its speed says nothing; "
+                    "speed benchmarks run on the default model or a random:<shape> preset")
+    return model_spec

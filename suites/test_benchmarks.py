@@ -46,14 +46,6 @@ BATCHES = [1, pytest.param(4, marks=pytest.mark.slow), 16, pytest.param(64, mark
 
 
 @pytest.fixture(scope="session")
-def speed_spec(model_spec):
-    if model_spec.kind == "preset" and model_spec.name.startswith("tiny:"):
-        pytest.skip(f"{model_spec.name} is a correctness fixture (hidden size 64): its speed says nothing; "
-                    "benchmarks run on the default model or a random:<shape> preset")
-    return model_spec
-
-
-@pytest.fixture(scope="session")
 def device_peaks(device, dtype):
     """Copy bandwidth and matmul throughput of this device, measured once per run."""
     return measure_device_peaks(device, dtype)
@@ -79,6 +71,13 @@ def _variant_model(model_factory, attn: str, **kwargs):
     if model.config._attn_implementation != attn or not getattr(model, "_can_set_attn_implementation", lambda: True)():
         pytest.skip(f"{type(model).__name__} cannot run attn_implementation={attn!r} after loading")
     return model
+
+
+def _attn_batch_model(request, run_config, device, model_factory, attn: str, batch: int):
+    """The `attn` variant for a `batch`-row benchmark, or a skip (--attn, CPU batch, unloadable)."""
+    _check_attn(run_config, attn)
+    _check_batch(request, device, batch)
+    return _variant_model(model_factory, attn)
 
 
 def _run_generate(benchmark, model, device, *, batch: int, new_tokens: int, seed: int, warmup: int | None = None,
@@ -144,9 +143,7 @@ def _decode_figures(clocks, counts, config, batch: int, dtype, scheme: str, devi
 @pytest.mark.parametrize("attn", ATTN)
 def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
                                      device_peaks, run_config, record_result):
-    _check_attn(run_config, attn)
-    _check_batch(request, device, batch)
-    model = _variant_model(model_factory, attn)
+    model = _attn_batch_model(request, run_config, device, model_factory, attn, batch)
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=1, seed=run_config.seed)
     figures = _prefill_figures(clocks, counts, model.config, batch, device, device_peaks)
     _describe(benchmark, record_result, speed_spec, {"kind": "prefill", "attn": attn, "dtype": dtype_name(dtype),
@@ -157,9 +154,7 @@ def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec
 @pytest.mark.parametrize("attn", ATTN)
 def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
                                       device_peaks, run_config, record_result):
-    _check_attn(run_config, attn)
-    _check_batch(request, device, batch)
-    model = _variant_model(model_factory, attn)
+    model = _attn_batch_model(request, run_config, device, model_factory, attn, batch)
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=SHAPE[device.type]["new_tokens"],
                            seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, batch, dtype, "none", device, device_peaks)

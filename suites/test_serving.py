@@ -239,14 +239,6 @@ def test_paged_cache_blocks_and_bytes_match_the_config(impl, served_model, serve
         f"{seen.peak_distinct_blocks} blocks in use at the peak, more than the {needed} the requests need together")
 
 
-@pytest.fixture(scope="session")
-def speed_spec(model_spec):
-    if model_spec.kind == "preset" and model_spec.name.startswith("tiny:"):
-        pytest.skip(f"{model_spec.name} is a correctness fixture (hidden size 64): its speed says nothing; "
-                    "serving benchmarks run on the default model or a random:<shape> preset")
-    return model_spec
-
-
 @pytest.mark.gpu
 @pytest.mark.exclusive
 @pytest.mark.benchmark(group="serving", **SYNCED)

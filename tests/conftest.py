@@ -37,3 +37,30 @@ def _preload_lazy_modules() -> None:
 
 
 _preload_lazy_modules()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def benchmark_gate(pytester, monkeypatch):
+    """benchmark_gate(source) -> run(*pytest_args, planted=False): a benchmark suite written from
+    `source`, run in-process with its own benchmark storage, its baseline saved first (one passing
+    test); ``planted=True`` sets PLANTED_SLOWDOWN, which the source reads to do its work twice."""
+
+    def make(source: str):
+        pytester.makepyfile(test_bench=source)
+        storage = f"file://{pytester.path / 'perf'}"
+
+        def run(*args, planted=False):
+            if planted:
+                monkeypatch.setenv("PLANTED_SLOWDOWN", "1")
+            else:
+                monkeypatch.delenv("PLANTED_SLOWDOWN", raising=False)
+            return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model",
+                                                "tiny:llama", f"--benchmark-storage={storage}", *args)
+
+        run("--benchmark-save=baseline", "--benchmark-json=baseline.json").assert_outcomes(passed=1)
+        return run
+
+    return make

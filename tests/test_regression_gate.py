@@ -30,21 +30,8 @@ def test_decode_step(benchmark):
 
 
 @pytest.fixture
-def bench(pytester, monkeypatch):
-    pytester.makepyfile(test_bench=BENCH)
-    storage = f"file://{pytester.path / 'perf'}"
-
-    def run(*args, planted=False):
-        if planted:
-            monkeypatch.setenv("PLANTED_SLOWDOWN", "1")
-        else:
-            monkeypatch.delenv("PLANTED_SLOWDOWN", raising=False)
-        return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
-                                            f"--benchmark-storage={storage}", *args)
-
-    baseline = run("--benchmark-save=baseline", "--benchmark-json=baseline.json")
-    baseline.assert_outcomes(passed=1)
-    return run
+def bench(benchmark_gate):
+    return benchmark_gate(BENCH)
 
 
 GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")

@@ -116,19 +116,8 @@ def test_replay_refuses_missing_or_impossible_times(bad):
 
 
 @pytest.fixture
-def gated(pytester, monkeypatch):
-    pytester.makepyfile(test_bench=GATED)
-    storage = f"file://{pytester.path / 'perf'}"
-
-    def run(*args, planted=False):
-        if planted:
-            monkeypatch.setenv("PLANTED_SLOWDOWN", "1")
-        else:
-            monkeypatch.delenv("PLANTED_SLOWDOWN", raising=False)
-        return _run(pytester, f"--benchmark-storage={storage}", *args)
-
-    run("--benchmark-save=baseline").assert_outcomes(passed=1)
-    return run
+def gated(benchmark_gate):
+    return benchmark_gate(GATED)
 
 
 GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
