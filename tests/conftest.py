@@ -64,3 +64,18 @@ def benchmark_gate(pytester, monkeypatch):
         return run
 
     return make
+
+
+COMPARE_GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
+
+
+def check_compare_gate(run) -> None:
+    """pytest-benchmark's compare gate against the saved baseline fails the planted slowdown and
+    passes the unchanged benchmark (`run` from the benchmark_gate fixture)."""
+    slowed = run(*COMPARE_GATE, planted=True)
+    assert slowed.ret != 0
+    output = slowed.stdout.str() + slowed.stderr.str()
+    assert "Performance has regressed" in output
+    assert "test_decode_step (0001_baselin) - Field 'median' has failed PercentageRegressionCheck" in output
+    unchanged = run(*COMPARE_GATE)
+    assert unchanged.ret == 0, unchanged.stdout.str()[-2000:]

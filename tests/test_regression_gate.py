@@ -12,6 +12,7 @@ import pytest
 
 from harness.errors import HarnessUsageError
 from harness.regression import compare, load_benchmarks, main, parse_rule
+from tests.conftest import check_compare_gate
 
 BENCH = '''
 import os
@@ -34,20 +35,8 @@ def bench(benchmark_gate):
     return benchmark_gate(BENCH)
 
 
-GATE = ("--benchmark-compare=0001", "--benchmark-compare-fail=median:10%")
-
-
-def test_planted_slowdown_fails_pytest_benchmark_gate(bench):
-    result = bench(*GATE, planted=True)
-    assert result.ret != 0
-    output = result.stdout.str() + result.stderr.str()
-    assert "Performance has regressed" in output
-    assert "test_decode_step (0001_baselin) - Field 'median' has failed PercentageRegressionCheck" in output
-
-
-def test_unchanged_benchmark_passes_the_same_gate(bench):
-    result = bench(*GATE)
-    assert result.ret == 0, result.stdout.str()[-2000:]
+def test_pytest_benchmark_gate_fails_the_planted_slowdown_and_passes_the_unchanged(bench):
+    check_compare_gate(bench)
 
 
 def test_harness_gate_catches_the_slowdown_in_time_and_in_tokens_per_second(bench, pytester, capsys):
