@@ -23,3 +23,17 @@ def planted_fault():
 def planted_fault_conftest(module: str, fault: str) -> str:
     """conftest.py text that activates ``FAULTS[fault]`` of ``tests/<module>.py`` for the whole run."""
     return TEMPLATE.format(repo=str(REPO), module=module, fault=fault)
+
+
+def run_suite_with_fault(pytester, suite: str, *, model: str, selection: str, module: str, fault: str | None = None):
+    """Run suites/<suite>.py in-process on `model` (``-k selection``), with ``FAULTS[fault]`` of
+    ``tests/<module>.py`` planted (none: the control run)."""
+    # another basename than the suite's own (the same process may have imported suites/ already),
+    # next to the suites' shared fixtures, which the planted fault (if any) joins
+    pytester.makepyfile(**{f"{suite}_under_test": (REPO / "suites" / f"{suite}.py").read_text()})
+    conftest = (REPO / "suites" / "conftest.py").read_text()
+    if fault:
+        conftest += "\n" + planted_fault_conftest(module, fault)
+    pytester.makeconftest(conftest)
+    return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", model,
+                                        "-k", selection, "-q")

@@ -3,13 +3,11 @@ and decoding-shortcut suites, run unchanged through pytester, must fail on it wi
 names the step and the cache type / decoding mode that diverged. Without the fault the same
 selection passes (so the failure is the fault's doing)."""
 
-from pathlib import Path
 
 import pytest
 
-from tests.fault_conftest import planted_fault_conftest
+from tests.fault_conftest import run_suite_with_fault
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # fault, suite, model, -k selection, lines the failure output must contain
@@ -30,15 +28,8 @@ CASES = [
 
 
 def _run_suite(pytester, suite, model, selection, fault=None):
-    # another basename than the suite's own (the same process may have imported suites/ already),
-    # next to the suites' shared fixtures, which the planted fault (if any) joins
-    pytester.makepyfile(**{f"{suite}_under_test": (REPO / "suites" / f"{suite}.py").read_text()})
-    conftest = (REPO / "suites" / "conftest.py").read_text()
-    if fault:
-        conftest += "\n" + planted_fault_conftest("generation_faults", fault)
-    pytester.makeconftest(conftest)
-    return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", model,
-                                        "-k", selection, "-q")
+    return run_suite_with_fault(pytester, suite, model=model, selection=selection, module="generation_faults",
+                                fault=fault)
 
 
 @pytest.mark.parametrize("fault, suite, model, selection, expected", CASES, ids=[c[0] for c in CASES])

@@ -3,13 +3,10 @@ scheduler (tests/serving_faults.py); the serving suite, run unchanged through py
 on it with a message naming the request and the step. Without the fault the same selection passes
 (so the failure is the fault's doing)."""
 
-from pathlib import Path
-
 import pytest
 
-from tests.fault_conftest import planted_fault_conftest
+from tests.fault_conftest import run_suite_with_fault
 
-REPO = Path(__file__).resolve().parents[1]
 SUITE = "test_serving"
 
 
@@ -27,15 +24,7 @@ CASES = [
 
 
 def _run_suite(pytester, fault=None):
-    # another basename than the suite's own (the same process may have imported suites/ already),
-    # next to the suites' shared fixtures, which the planted fault (if any) joins
-    pytester.makepyfile(**{f"{SUITE}_under_test": (REPO / "suites" / f"{SUITE}.py").read_text()})
-    conftest = (REPO / "suites" / "conftest.py").read_text()
-    if fault:
-        conftest += "\n" + planted_fault_conftest("serving_faults", fault)
-    pytester.makeconftest(conftest)
-    return pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", MODEL,
-                                        "-k", SELECTION, "-q")
+    return run_suite_with_fault(pytester, SUITE, model=MODEL, selection=SELECTION, module="serving_faults", fault=fault)
 
 
 @pytest.mark.parametrize("fault, expected", CASES, ids=[c[0] for c in CASES])
