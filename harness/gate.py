@@ -6,7 +6,7 @@
 Exit status 0 only when every equivalence, agreement and budget check passed (pytest's status is
 passed through). On a GPU with a small model the tests that do not measure the device run in up
 to four pytest processes side by side, then the exclusive ones (speed, memory) alone
-(harness.sharding); the processes' reports are merged into one (harness.report_merge).
+(harness.sharding); the processes' reports are merged into one (harness.reporting.merge).
 Benchmarks are recorded to the run's report directory; with --baseline they are compared against
 it and a regression beyond --max-regression fails the gate.
 """
@@ -196,8 +196,8 @@ def _run_phases(opts, extra, jobs) -> int:
     import time
     from types import SimpleNamespace
 
-    from harness.report import new_run_dir
-    from harness.report_merge import merge_run_dirs
+    from harness.reporting.report import new_run_dir
+    from harness.reporting.merge import merge_run_dirs
 
     started = time.monotonic()
     parts_root = Path(opts.report_dir) / f".gate-parts-{os.getpid()}"

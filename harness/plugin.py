@@ -101,7 +101,7 @@ def pytest_configure(config):
     state["run_times"] = RunTimes()
     config.pluginmanager.register(_OutcomeRecorder(state["outcomes"], state["run_times"]), "harness-outcomes")
     if run.report_dir and not hasattr(config, "workerinput"):
-        from harness.report import new_run_dir
+        from harness.reporting.report import new_run_dir
 
         run_dir = new_run_dir(Path(run.report_dir), specs)
         state["run_dir"] = run_dir
@@ -530,7 +530,7 @@ def pytest_sessionfinish(session, exitstatus):
         return
     _record_compile_cache_use(state)
     if state["run_dir"] is not None:
-        from harness.report import failure_texts, write_report
+        from harness.reporting.report import failure_texts, write_report
 
         state["benchmarks"] = _benchmark_document(session.config)
         state["failure_texts"] = failure_texts(session.config)  # whole messages and tracebacks, folded in the report

@@ -3,7 +3,7 @@
 Adversarial rows (pipes, newlines, backslashes, markup, 10 kB messages, unicode) must leave every
 Markdown table with its columns and the HTML well-formed; report.md must fit a GitHub job summary
 (1 MiB) with every section populated; skip reasons are cleaned; failures are classified by the
-one table in harness.report_triage; the committed example reports render.
+one table in harness.reporting.triage; the committed example reports render.
 """
 
 import json
@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import report_text
+from harness.reporting import text as report_text
 from harness.memory import SCALING_CHECK
-from harness.report import MD_LIMIT_BYTES, main, render_markdown, render_run
-from harness.report_html import render_html
-from harness.report_triage import classify
-from harness.report_view import Limits, build_view
+from harness.reporting.report import MD_LIMIT_BYTES, main, render_markdown, render_run
+from harness.reporting.html_view import render_html
+from harness.reporting.triage import classify
+from harness.reporting.elements import Limits
+from harness.reporting.view import build_view
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "reports" / "examples"
 GITHUB_SUMMARY_LIMIT = 1024 * 1024

@@ -1,4 +1,4 @@
-"""The gate's side-by-side run (harness.sharding, harness.report_merge): every test in exactly one
+"""The gate's side-by-side run (harness.sharding, harness.reporting.merge): every test in exactly one
 shard, whole functions together, and one report from several processes."""
 
 import json
@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from harness.report_merge import merge_junit, merge_suite_times, merged_exit_status
+from harness.reporting.merge import merge_junit, merge_suite_times, merged_exit_status
 from harness.sharding import claimed_run, file_claim, item_groups
 
 NODEIDS = [f"suites/test_a.py::test_big[{i}]" for i in range(6)] + [

@@ -3,12 +3,12 @@
 Every file is written to a temporary name and renamed into place, so an interrupted run never
 leaves a half-written report; `reports/latest` is a symlink swapped atomically.
 
-report.md and report.html are two renderings of one view (harness.report_view) through the
-templates in harness/templates/; report.md is sized for a GitHub job summary (under 1 MiB, no
+report.md and report.html are two renderings of one view (harness.reporting.view) through the
+templates in harness/reporting/templates/; report.md is sized for a GitHub job summary (under 1 MiB, no
 images: plots are replaced by their tables and live in report.html). Re-render a run directory,
 e.g. with a benchmark baseline, with
 
-    python -m harness.report reports/latest --baseline reports/baseline.json --max-regression 10%
+    python -m harness.reporting reports/latest --baseline reports/baseline.json --max-regression 10%
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from harness import report_text as text
+from harness.reporting import text
 from harness.capabilities import dtype_name
-from harness.report_view import Limits, ReportView, build_view
+from harness.reporting.elements import Limits, ReportView
+from harness.reporting.view import build_view
 
 # GitHub rejects a job summary over 1 MiB; keep report.md under this many bytes.
 MD_LIMIT_BYTES = 1_000_000
@@ -179,7 +180,7 @@ def _kind_line(view) -> Raw:
 
 
 def _markdown_env():
-    from harness.report_html import environment, summary_of
+    from harness.reporting.html_view import environment, summary_of
 
     env = environment(autoescape=False, finalize=_finalize)
     env.filters.update(mdtable=md_table, h=lambda s: Raw(html.escape(text.one_line(s))),
@@ -237,7 +238,7 @@ def render_run(run_dir: Path, summary: dict, benchmarks: dict | None = None, *, 
                max_regression: str = "10%", html_url: str = "") -> dict:
     """Write report.md and report.html of `run_dir` from its data (and results.json when a
     baseline adds comparisons); returns the summary."""
-    from harness.report_html import render_html
+    from harness.reporting.html_view import render_html
 
     comparisons = _comparisons(summary, benchmarks, baseline, max_regression)
     if any(c.regressed for c in comparisons):
@@ -264,7 +265,7 @@ def write_report(run_dir: Path, state, caps, exitstatus: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m harness.report",
+    parser = argparse.ArgumentParser(prog="python -m harness.reporting",
                                      description="Re-render report.md and report.html of a run directory.")
     parser.add_argument("run_dir", type=Path, help="a run directory (reports/latest) holding results.json")
     parser.add_argument("--baseline", default=None, help="pytest-benchmark JSON of a baseline run: adds deltas and "
@@ -282,9 +283,9 @@ def main(argv=None) -> int:
         render_run(args.run_dir, summary, benchmarks, baseline=args.baseline, max_regression=args.max_regression,
                    html_url=args.html_url)
     except (OSError, json.JSONDecodeError, HarnessUsageError) as exc:
-        print(f"harness.report: {exc}", file=sys.stderr)
+        print(f"harness.reporting: {exc}", file=sys.stderr)
         return 2
-    print(f"harness.report: wrote {args.run_dir / 'report.md'} and {args.run_dir / 'report.html'}")
+    print(f"harness.reporting: wrote {args.run_dir / 'report.md'} and {args.run_dir / 'report.html'}")
     return 0
 
 

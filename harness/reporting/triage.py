@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.report_text import clean_reason, fmt_num, fmt_threshold, one_line
+from harness.reporting.text import clean_reason, fmt_num, fmt_threshold, one_line
 
 KINDS = ("equivalence", "agreement", "memory", "speed regression", "harness self-check", "error")
 

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from harness.report import atomic_write, render_run
+from harness.reporting.report import atomic_write, render_run
 from harness.run_times import SuiteTime
 
 # pytest's "no tests collected": a shard whose share was empty, not a failure of the run

@@ -1,6 +1,6 @@
-"""report.html: the report view (harness.report_view) with its plots, in one self-contained file.
+"""report.html: the report view (harness.reporting.view) with its plots, in one self-contained file.
 
-Rendered from harness/templates/report.html.j2 with autoescape, so whatever a test recorded is
+Rendered from harness/reporting/templates/report.html.j2 with autoescape, so whatever a test recorded is
 text, never markup. Plots are drawn with matplotlib's Agg canvas (no display, no global backend
 switch) and embedded as base64 PNGs, so the file can be mailed or attached to a CI run on its own;
 each sits beside the table it draws:
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import jinja2
 
-from harness.report_text import BYTE_UNITS, byte_unit, is_number
-from harness.report_view import ReportView, config_key, config_label
+from harness.reporting.text import BYTE_UNITS, byte_unit, is_number
+from harness.reporting.elements import ReportView
+from harness.reporting.speed import config_key, config_label
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 _MAX_ROWS_PLOTTED = 40  # configurations per bar or box plot (the tables list every one)

@@ -1,0 +1,5 @@
+import sys
+
+from harness.reporting.report import main
+
+sys.exit(main())
