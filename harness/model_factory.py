@@ -1,0 +1,83 @@
+"""Variants of one model under test (attention implementation, dtype, quantization), each loaded
+once per run, within a memory policy: the harness's model factory (the plugin's ``model_factory``
+fixture wraps it, turning a refused variant into a skip)."""
+
+from __future__ import annotations
+
+from harness.errors import VariantRefused
+from harness.memory import release_device_memory
+from harness.model_capabilities import refusal_reason
+
+
+class ModelFactory:
+    """Loads variants of one model under test, each once per run.
+
+    The run's own variant (eager attention, run dtype) stays loaded: the ``reference_model``
+    fixture holds it for the whole session anyway. Other variants share what is left of a share
+    of the device's memory (on CUDA, `variant_memory_share` of it; otherwise at most `keep`), least
+    recently used first out, so a 7B model in bf16 keeps one extra variant instead of running the
+    device out of memory for the activations the suites measure."""
+
+    variant_memory_share = 0.25
+
+    def __init__(self, spec, device, dtype, keep: int = 3, refused=None, on_refusal=None):
+        self.spec, self.device, self.dtype, self.keep = spec, device, dtype, keep
+        self._cache: dict[tuple, object] = {}
+        self._base_key = ("eager", str(dtype), None)
+        # attn_implementation -> transformers' reason: from the model's capability probe, or found
+        # by a load (then on_refusal records it)
+        self.refused: dict[str, str] = dict(refused or {})
+        self._on_refusal = on_refusal
+
+    def __call__(self, attn_implementation: str = "eager", dtype=None, quantization=None, quantization_config=None):
+        """The variant, loaded on first use. quantization: a hashable name for the scheme;
+        quantization_config: the transformers config. Raises VariantRefused (with the reason) for
+        a variant transformers refuses for this model, HarnessUsageError for bad input."""
+        from harness.models import load_model
+
+        dtype = dtype or self.dtype
+        key = (attn_implementation, str(dtype), quantization)
+        if attn_implementation in self.refused:
+            raise VariantRefused(self.refused[attn_implementation])
+        if key not in self._cache:
+            self._make_room(key)
+            try:
+                self._cache[key] = load_model(self.spec, device=self.device, dtype=dtype,
+                                              attn_implementation=attn_implementation,
+                                              quantization_config=quantization_config)
+            except VariantRefused as exc:
+                reason = refusal_reason(self.spec.name, attn_implementation, str(exc).split("(", 1)[-1].rstrip(")"))
+                self.refused[attn_implementation] = reason
+                if self._on_refusal is not None:
+                    self._on_refusal(attn_implementation, reason)
+                raise VariantRefused(reason) from None
+        else:
+            self._cache[key] = self._cache.pop(key)  # most recently used last
+        return self._cache[key]
+
+    def _make_room(self, key) -> None:
+        if key == self._base_key:
+            return
+        while True:
+            variants = [k for k in self._cache if k != self._base_key]
+            if not variants or len(variants) < self._variant_slots():
+                return
+            self._cache.pop(variants[0])
+            release_device_memory(self.device)
+
+    def _variant_slots(self) -> int:
+        if self.device.type != "cuda" or not self._cache:
+            return self.keep
+        import torch
+
+        sizes = [_model_bytes(m) for m in self._cache.values()]
+        share = self.variant_memory_share * torch.cuda.get_device_properties(self.device).total_memory
+        return max(1, min(self.keep, int(share // max(sizes))))
+
+    def clear(self) -> None:
+        self._cache.clear()
+        release_device_memory(self.device)
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
