@@ -33,6 +33,11 @@ class RunConfig:
     thresholds_file: str | None = None
 
 
+# The precision a quantized KV cache stores keys and values in (fp8 e4m3: 3 mantissa bits): greedy
+# runs through such a cache are compared at this precision, with the kv_quantized_* numbers below.
+QUANTIZED_KV_PRECISION = "float8_e4m3fn"
+
+
 @dataclass(frozen=True)
 class Tolerances:
     """Comparison rules shared by every suite. Each number says why it is what it is."""
@@ -81,6 +86,8 @@ class Tolerances:
     token_margin_ulps: float = 2.0
 
     def token_margin(self, dtype_name: str) -> float:
+        if dtype_name == QUANTIZED_KV_PRECISION:
+            return self.kv_quantized_token_margin
         return self.token_margin_fp32 if dtype_name in ("float32", "float64") else self.token_margin_half
 
     # Greedy runs (cache vs no cache, static+compile, assisted/lookup vs plain): per-step raw logits
@@ -92,6 +99,8 @@ class Tolerances:
     generation_logit_rel_half: float = 4e-2
 
     def generation_logit_rel(self, dtype_name: str) -> float:
+        if dtype_name == QUANTIZED_KV_PRECISION:
+            return self.kv_quantized_logit_rel
         return self.generation_logit_rel_fp32 if dtype_name in ("float32", "float64") else self.generation_logit_rel_half
 
     # Quantised KV caches (fp8 e4m3 stores 3 mantissa bits: 2^-4 = 6 % rounding per key/value) are

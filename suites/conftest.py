@@ -44,3 +44,37 @@ def speed_spec(model_spec):
         pytest.skip(f"{model_spec.name} is a correctness fixture (hidden size 64): its speed says nothing; "
                     "speed benchmarks run on the default model or a random:<shape> preset")
     return model_spec
+
+
+@pytest.fixture(scope="session")
+def prompt_inputs(tokenizer, run_config, device):
+    """The run's chat prompt (drawn by --seed), tokenized with the chat template, on the device."""
+    return gen.chat_inputs(tokenizer, gen.prompt_for_seed(run_config.seed), device)
+
+
+@pytest.fixture
+def agrees(dtype_name, tolerances, tokenizer, record_result):
+    """agrees(reference, run, check, lossy_kv=False, **details): asserts harness.token_agreement's
+    rule for two greedy runs and records the result; ``lossy_kv`` compares at a quantized KV
+    cache's precision (harness.config.QUANTIZED_KV_PRECISION) instead of the run's dtype."""
+    from harness.config import QUANTIZED_KV_PRECISION
+    from harness.token_agreement import compare_runs, record_fields
+
+    def check(reference, run, check_name, *, lossy_kv=False, **details):
+        result = compare_runs(reference, run, dtype_name=QUANTIZED_KV_PRECISION if lossy_kv else dtype_name,
+                              tolerances=tolerances, decode=lambda t: tokenizer.decode([t]))
+        record_result(check_name, **record_fields(result), **details)
+        assert result.passed, result.message
+        return result
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def quantizable(model_spec):
+    """The model under test, for quantized variants; a skip for presets: they are built from configs
+    in memory, and bitsandbytes quantizes at load time from a checkpoint."""
+    if model_spec.kind == "preset":
+        pytest.skip(f"{model_spec.name} is a preset built in memory: quantization loads a checkpoint "
+                    "(the default model, a GGUF or a model directory)")
+    return model_spec

@@ -196,10 +196,8 @@ def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4", "fp4"])
-def test_decode_quantized(benchmark, scheme, request, speed_spec, model_factory, counts, device, dtype, device_peaks,
-                          require, run_config, record_result):
-    if speed_spec.kind == "preset":
-        pytest.skip(f"{speed_spec.name}: quantised variants need a checkpoint, not a random preset")
+def test_decode_quantized(benchmark, scheme, request, speed_spec, quantizable, model_factory, counts, device, dtype,
+                          device_peaks, require, run_config, record_result):
     if device.type == "cpu" and not request.config.getoption("--run-slow"):
         pytest.skip("bitsandbytes on CPU takes ~10 s to load and ~2 s per token here: full profile only (--run-slow)")
     require(f"bnb_{scheme}")

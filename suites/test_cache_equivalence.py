@@ -7,14 +7,9 @@ the no-cache reference (every step recomputes attention over the whole sequence)
 (or a near-tie divergence on reduced precision) and per-step logits within tolerance.
 """
 
-import dataclasses
-
 import pytest
 
 from harness import generation as gen
-from harness.token_agreement import compare_runs, record_fields
-
-LOSSY_KV_DTYPE = "float8_e4m3fn"
 
 
 @pytest.fixture(scope="session")
@@ -23,32 +18,8 @@ def prompt(run_config):
 
 
 @pytest.fixture(scope="session")
-def prompt_inputs(tokenizer, prompt, device):
-    return gen.chat_inputs(tokenizer, prompt, device)
-
-
-@pytest.fixture(scope="session")
 def no_cache_reference(reference_model, prompt_inputs, pad):
     return gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad)
-
-
-@pytest.fixture
-def agrees(dtype_name, tolerances, tokenizer, record_result):
-    """agrees(reference, run, check) -> asserts harness.token_agreement's rule, records the result."""
-
-    def check(reference, run, check_name, *, lossy_kv=False):
-        tol, name = tolerances, dtype_name
-        if lossy_kv:  # the same rule, with the looser numbers stated for 8-bit keys/values
-            tol = dataclasses.replace(tolerances, token_margin_half=tolerances.kv_quantized_token_margin,
-                                      generation_logit_rel_half=tolerances.kv_quantized_logit_rel)
-            name = LOSSY_KV_DTYPE
-        result = compare_runs(reference, run, dtype_name=name, tolerances=tol,
-                              decode=lambda t: tokenizer.decode([t]))
-        record_result(check_name, **record_fields(result))
-        assert result.passed, result.message
-        return result
-
-    return check
 
 
 @pytest.mark.parametrize("cache_name", list(gen.CACHE_TYPES))

@@ -12,7 +12,6 @@ import pytest
 from harness import generation as gen
 from harness.errors import HarnessUsageError
 from harness.results import inconclusive_reason
-from harness.token_agreement import compare_runs, record_fields
 
 from harness.capabilities import older_transformers
 
@@ -23,11 +22,6 @@ class KnownBug(str):
 
 def _sliding_window(model):
     return getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
-
-
-@pytest.fixture(scope="session")
-def prompt_inputs(tokenizer, run_config, device):
-    return gen.chat_inputs(tokenizer, gen.prompt_for_seed(run_config.seed), device)
 
 
 @pytest.fixture(scope="session")
@@ -62,17 +56,6 @@ def assisted_runs(reference_model, prompt_inputs, pad):
                                   f"({type(exc).__name__}: {str(exc).splitlines()[0]})")
         del assistant
     return runs
-
-
-@pytest.fixture
-def agrees(dtype_name, tolerances, tokenizer, record_result):
-    def check(reference, run, check_name, **details):
-        result = compare_runs(reference, run, dtype_name=dtype_name, tolerances=tolerances,
-                              decode=lambda t: tokenizer.decode([t]))
-        record_result(check_name, **record_fields(result), **details)
-        assert result.passed, result.message
-
-    return check
 
 
 @pytest.mark.parametrize("assistant_kind", ["truncated copy", "small preset"])

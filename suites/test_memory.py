@@ -101,11 +101,10 @@ def _prefill_peak(model, ids):
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "nf4", "fp4"])
 def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, counts, device, dtype, tolerances,
-                                       require, record_result, seed):
+                                       require, record_result, seed, request):
     quantization = None
     if scheme != "none":
-        if model_spec.kind == "preset":
-            pytest.skip(f"{model_spec.name}: quantised variants need a checkpoint, not a random preset")
+        request.getfixturevalue("quantizable")
         if device.type == "cpu":
             pytest.skip("on CPU the checkpoint is memory-mapped and bitsandbytes keeps its quantisation state "
                         "outside the parameters, so neither allocation counters nor the model's storages hold "

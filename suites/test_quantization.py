@@ -38,15 +38,6 @@ def quant_thresholds(run_config) -> Q.QuantizationThresholds:
 
 
 @pytest.fixture(scope="session")
-def quantizable(model_spec):
-    """Presets are built from configs in memory; bitsandbytes quantizes at load time from a checkpoint."""
-    if model_spec.kind == "preset":
-        pytest.skip(f"{model_spec.name} is a preset built in memory: quantization loads a checkpoint "
-                    "(the default model, a GGUF or a model directory)")
-    return model_spec
-
-
-@pytest.fixture(scope="session")
 def quant_reference(quantizable, model_factory, device, dtype):
     """fp32 on CPU (the most exact reference there is); on GPU the run's dtype, as a user deploys it."""
     return model_factory("eager", dtype=torch.float32 if device.type == "cpu" else dtype)
