@@ -337,7 +337,7 @@ class _SkippingFactory:
     its reason, bad input one failing line."""
 
     def __init__(self, factory):
-        self.factory, self.spec = factory, factory.spec
+        self.factory, self.spec, self.clear = factory, factory.spec, factory.clear
 
     def __call__(self, *args, **kwargs):
         try:

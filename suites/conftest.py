@@ -78,3 +78,21 @@ def quantizable(model_spec):
         pytest.skip(f"{model_spec.name} is a preset built in memory: quantization loads a checkpoint "
                     "(the default model, a GGUF or a model directory)")
     return model_spec
+
+
+@pytest.fixture
+def attn_variant(model_factory):
+    """attn_variant(attn, **factory_kwargs) -> the model variant running attn_implementation=attn,
+    or a skip where the model runs another one or cannot switch after loading (e.g. Falcon keeps
+    the implementation it was built with): the variants would be one model."""
+
+    def get(attn: str, **kwargs):
+        model = model_factory(attn, **kwargs)
+        actual = model.config._attn_implementation
+        if actual != attn or not getattr(model, "_can_set_attn_implementation", lambda: True)():
+            pytest.skip(f"asked for attn_implementation={attn!r}, but {type(model).__name__} "
+                        f"{'runs ' + repr(actual) if actual != attn else 'cannot switch implementation after loading'}; "
+                        "the variants would be one model")
+        return model
+
+    return get

@@ -66,18 +66,11 @@ def _check_attn(run_config, attn: str) -> None:
         pytest.skip(f"--attn {','.join(run_config.attn)} excludes {attn}")
 
 
-def _variant_model(model_factory, attn: str, **kwargs):
-    model = model_factory(attn, **kwargs)
-    if model.config._attn_implementation != attn or not getattr(model, "_can_set_attn_implementation", lambda: True)():
-        pytest.skip(f"{type(model).__name__} cannot run attn_implementation={attn!r} after loading")
-    return model
-
-
-def _attn_batch_model(request, run_config, device, model_factory, attn: str, batch: int):
+def _attn_batch_model(request, run_config, device, attn_variant, attn: str, batch: int):
     """The `attn` variant for a `batch`-row benchmark, or a skip (--attn, CPU batch, unloadable)."""
     _check_attn(run_config, attn)
     _check_batch(request, device, batch)
-    return _variant_model(model_factory, attn)
+    return attn_variant(attn)
 
 
 def _run_generate(benchmark, model, device, *, batch: int, new_tokens: int, seed: int, warmup: int | None = None,
@@ -141,9 +134,9 @@ def _decode_figures(clocks, counts, config, batch: int, dtype, scheme: str, devi
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("attn", ATTN)
-def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
+def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec, attn_variant, counts, device, dtype,
                                      device_peaks, run_config, record_result):
-    model = _attn_batch_model(request, run_config, device, model_factory, attn, batch)
+    model = _attn_batch_model(request, run_config, device, attn_variant, attn, batch)
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=1, seed=run_config.seed)
     figures = _prefill_figures(clocks, counts, model.config, batch, device, device_peaks)
     _describe(benchmark, record_result, speed_spec, {"kind": "prefill", "attn": attn, "dtype": dtype_name(dtype),
@@ -152,9 +145,9 @@ def test_prefill_time_to_first_token(benchmark, attn, batch, request, speed_spec
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("attn", ATTN)
-def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spec, model_factory, counts, device, dtype,
+def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spec, attn_variant, counts, device, dtype,
                                       device_peaks, run_config, record_result):
-    model = _attn_batch_model(request, run_config, device, model_factory, attn, batch)
+    model = _attn_batch_model(request, run_config, device, attn_variant, attn, batch)
     clocks = _run_generate(benchmark, model, device, batch=batch, new_tokens=SHAPE[device.type]["new_tokens"],
                            seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, batch, dtype, "none", device, device_peaks)
@@ -164,12 +157,12 @@ def test_decode_time_per_output_token(benchmark, attn, batch, request, speed_spe
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["static+compile"])
-def test_decode_cache_implementation(benchmark, cache, speed_spec, model_factory, counts, device, dtype, device_peaks,
+def test_decode_cache_implementation(benchmark, cache, speed_spec, attn_variant, counts, device, dtype, device_peaks,
                                      run_config, record_result):
     """Batch 1, SDPA, a static cache, whose fixed shapes let generate() compile the decoding step
     (transformers does so on CUDA; the warm-up rounds cover compiling). Its dynamic-cache, eager-mode
     counterpart is test_decode_time_per_output_token[<model>-sdpa-1]."""
-    model = _variant_model(model_factory, "sdpa")
+    model = attn_variant("sdpa")
     kwargs = {"cache_implementation": "static"} if cache == "static+compile" else {}
     warmup = 3 if cache == "static+compile" else None
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"],
@@ -182,13 +175,13 @@ def test_decode_cache_implementation(benchmark, cache, speed_spec, model_factory
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
-def test_decode_dtype(benchmark, half, speed_spec, model_factory, counts, device, device_peaks, run_config, record_result,
+def test_decode_dtype(benchmark, half, speed_spec, attn_variant, counts, device, device_peaks, run_config, record_result,
                       dtype):
     run_dtype = dtype
     dtype = getattr(torch, half)
     if dtype == run_dtype:
         pytest.skip(f"{half} is this run's dtype: test_decode_time_per_output_token[<model>-sdpa-1] measures it")
-    model = _variant_model(model_factory, "sdpa", dtype=dtype)
+    model = attn_variant("sdpa", dtype=dtype)
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, "none", device, device_peaks)
     _describe(benchmark, record_result, speed_spec, {"kind": "decode", "attn": "sdpa", "dtype": half,

@@ -73,17 +73,6 @@ def _token_ids(batch: int, seq_len: int, device, seed: int):
     return torch.randint(10, 1000, (batch, seq_len), generator=gen).to(device)
 
 
-def _variant(model_factory, attn: str):
-    model = model_factory(attn)
-    actual = model.config._attn_implementation
-    switchable = getattr(model, "_can_set_attn_implementation", lambda: True)()
-    if actual != attn or not switchable:  # e.g. Falcon keeps the implementation it was built with
-        pytest.skip(f"asked for attn_implementation={attn!r}, but {type(model).__name__} "
-                    f"{'runs ' + repr(actual) if actual != attn else 'cannot switch implementation after loading'}; "
-                    "the variants would be one model")
-    return model
-
-
 def _warm_up(model, device, seed: int) -> None:
     """One short forward: library code and lazily mapped weights become resident before measuring."""
     with torch.inference_mode():
@@ -165,10 +154,10 @@ def test_kv_cache_bytes_match_prediction(request, model_spec, reference_model, c
                     f"the cache's own tensors hold {tensor_bytes / 2**20:.2f} MiB [{peak.method}]")
 
 
-def test_eager_attention_scores_match_prediction(request, model_spec, model_factory, counts, shape, device, dtype,
+def test_eager_attention_scores_match_prediction(request, model_spec, attn_variant, counts, shape, device, dtype,
                                                  tolerances, require, record_result, seed):
     require("sdpa_flash" if device.type == "cpu" else "sdpa_efficient")
-    models = {attn: _variant(model_factory, attn) for attn in ("eager", "sdpa")}
+    models = {attn: attn_variant(attn) for attn in ("eager", "sdpa")}
     config = models["eager"].config
     if _has_alibi(config):
         pytest.skip("ALiBi models build a batch x heads x N x N bias for every implementation, so no fused "
@@ -197,7 +186,7 @@ def test_eager_attention_scores_match_prediction(request, model_spec, model_fact
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.needs("flash_attention_2"))])
-def test_prefill_peak_memory_growth(attn, request, model_spec, model_factory, counts, shape, device, dtype,
+def test_prefill_peak_memory_growth(attn, request, model_spec, model_factory, attn_variant, counts, shape, device, dtype,
                                     tolerances, run_config, record_result, seed):
     if run_config.attn and attn not in run_config.attn:
         pytest.skip(f"--attn {','.join(run_config.attn)} excludes {attn}")
@@ -213,7 +202,7 @@ def test_prefill_peak_memory_growth(attn, request, model_spec, model_factory, co
     _affordable(request, device, counts, shape, 1, longest)
     if device.type == "cuda":
         model_factory.clear()  # other cached variants would leave less room for the longest prompts
-    model = _variant(model_factory, attn)
+    model = attn_variant(attn)
     ids = _token_ids(1, longest, device, seed)
     _prefill_peak(model, ids[:, : lengths[0]])
     measured = {}

@@ -18,3 +18,19 @@ def test_run_variant_stays_loaded_while_other_variants_take_turns():
     assert other.dtype == torch.float64
     assert factory("sdpa") is not sdpa  # sdpa was evicted and is built again
     assert factory("eager") is base
+
+
+def test_the_fixture_turns_a_refused_variant_into_a_skip_and_keeps_clear():
+    """The plugin's model_factory fixture: the suites call it, read .spec and call .clear()."""
+    import pytest
+
+    from harness.plugin import _SkippingFactory
+
+    spec = resolve_model("tiny:llama")[0]
+    factory = ModelFactory(spec, torch.device("cpu"), torch.float32, refused={"sdpa": "refused for a test"})
+    wrapped = _SkippingFactory(factory)
+    assert wrapped.spec is spec and wrapped("eager") is factory("eager")
+    with pytest.raises(pytest.skip.Exception, match="refused for a test"):
+        wrapped("sdpa")
+    wrapped.clear()
+    assert not factory._cache
