@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,9 @@ from harness.model_capabilities import model_category, refusals
 from harness.model_factory import ModelFactory
 from harness.results import Result, skip_outcome
 from harness.run_times import RunTimes, compile_seconds_so_far
+from harness.session import RunSession
 
-_STATE_KEY = pytest.StashKey[dict]()
+_STATE_KEY = pytest.StashKey[RunSession]()
 
 
 def pytest_addoption(parser):
@@ -95,16 +95,15 @@ def pytest_configure(config):
     from harness.config import cache_root
 
     compile_caches = enable_persistent_compile_caches(cache_root(), device)
-    state = {"run": run, "specs": specs, "device": device, "dtype": dtype, "tolerances": tolerances,
-             "records": [], "outcomes": [], "started": time.time(), "run_dir": None, "compile_caches": compile_caches}
+    state = RunSession(run=run, specs=specs, device=device, dtype=dtype, tolerances=tolerances,
+                       compile_caches=compile_caches)
     config.stash[_STATE_KEY] = state
-    state["run_times"] = RunTimes()
-    config.pluginmanager.register(_OutcomeRecorder(state["outcomes"], state["run_times"]), "harness-outcomes")
+    config.pluginmanager.register(_OutcomeRecorder(state.outcomes, state.run_times), "harness-outcomes")
     if run.report_dir and not hasattr(config, "workerinput"):
         from harness.reporting.report import new_run_dir
 
         run_dir = new_run_dir(Path(run.report_dir), specs)
-        state["run_dir"] = run_dir
+        state.run_dir = run_dir
         if not config.option.xmlpath:
             config.option.xmlpath = str(run_dir / "junit.xml")
 
@@ -157,21 +156,21 @@ def pytest_xdist_auto_num_workers(config):
     return auto_worker_count()
 
 
-def _state(config) -> dict:
+def _state(config) -> RunSession:
     return config.stash[_STATE_KEY]
 
 
 def _capabilities(config):
     state = _state(config)
-    if "caps" not in state:
-        state["caps"] = caps_mod.detect(state["device"], state["dtype"])
-    return state["caps"]
+    if state.capabilities is None:
+        state.capabilities = caps_mod.detect(state.device, state.dtype)
+    return state.capabilities
 
 
 def _model_capabilities(config, spec) -> list:
     """The model's own rows (harness.model_capabilities), probed once per model and run; the model
     factory appends a refusal that only loading revealed."""
-    table = _state(config).setdefault("model_caps", {})
+    table = _state(config).model_capabilities
     if spec.name not in table:
         from harness.model_capabilities import probe_model
 
@@ -184,12 +183,12 @@ def pytest_report_header(config):
     import torch
     import transformers
 
-    lines = [f"harness: models {', '.join(s.label for s in state['specs'])}",
-             f"harness: device {state['device']}, dtype {caps_mod.dtype_name(state['dtype'])}, "
+    lines = [f"harness: models {', '.join(s.label for s in state.specs)}",
+             f"harness: device {state.device}, dtype {caps_mod.dtype_name(state.dtype)}, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}",
              "harness capabilities:"]
     lines += caps_mod.as_table(_capabilities(config))
-    for spec in state["specs"]:
+    for spec in state.specs:
         rows = _model_capabilities(config, spec)
         lines.append(f"harness model {spec.name}: accepts {', '.join(c.name for c in rows if c.available) or 'nothing probed'}")
         lines += [f"  {c.name}  no   {c.reason}" for c in rows if not c.available]
@@ -198,19 +197,19 @@ def pytest_report_header(config):
 
 def pytest_generate_tests(metafunc):
     if "model_spec" in metafunc.fixturenames:
-        specs = _state(metafunc.config)["specs"]
+        specs = _state(metafunc.config).specs
         metafunc.parametrize("model_spec", specs, ids=[s.name for s in specs], scope="session")
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     state = _state(config)
-    _group_items_by_model(items, state["specs"])
-    on_gpu = state["device"].type == "cuda"
+    _group_items_by_model(items, state.specs)
+    on_gpu = state.device.type == "cuda"
     run_slow = config.getoption("--run-slow")
     for item in items:
         if item.get_closest_marker("gpu") and not on_gpu:
-            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state['device']}"))
+            item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state.device}"))
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
 
@@ -272,22 +271,22 @@ def capability_skip_reason(config, name: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def run_config(request) -> RunConfig:
-    return _state(request.config)["run"]
+    return _state(request.config).run
 
 
 @pytest.fixture(scope="session")
 def device(request):
-    return _state(request.config)["device"]
+    return _state(request.config).device
 
 
 @pytest.fixture(scope="session")
 def dtype(request):
-    return _state(request.config)["dtype"]
+    return _state(request.config).dtype
 
 
 @pytest.fixture(scope="session")
 def tolerances(request):
-    return _state(request.config)["tolerances"]
+    return _state(request.config).tolerances
 
 
 @pytest.fixture(scope="session")
@@ -366,7 +365,7 @@ def weights_evidence(model_spec, reference_model, tokenizer, tolerances, request
 
     evidence = next_token_entropy(reference_model, tokenizer)
     untrained = evidence.untrained(tolerances.untrained_entropy_fraction)
-    _state(request.config)["records"].append(Result(
+    _state(request.config).records.append(Result(
         suite="harness", check="weights", metric="next-token entropy / uniform", value=round(evidence.fraction, 4),
         threshold=f"< {tolerances.untrained_entropy_fraction}", passed=None, where=model_spec.name,
         details={"entropy_nats": evidence.entropy_nats, "uniform_nats": evidence.uniform_nats,
@@ -416,7 +415,7 @@ def known_transformers_bug():
 @pytest.fixture(scope="session")
 def run_dir(request) -> Path | None:
     """This run's report directory (None without --report-dir)."""
-    return _state(request.config)["run_dir"]
+    return _state(request.config).run_dir
 
 
 @pytest.fixture
@@ -427,7 +426,7 @@ def record_result(request):
     def _record(check: str, metric: str, value, threshold=None, passed=None, where: str = "", **details) -> Result:
         result = Result(suite=suite, check=check, metric=metric, value=value, threshold=threshold,
                         passed=passed, where=where, details={"test": request.node.nodeid, **details})
-        _state(request.config)["records"].append(result)
+        _state(request.config).records.append(result)
         return result
 
     return _record
@@ -472,12 +471,12 @@ def pytest_sessionfinish(session, exitstatus):
     if state is None:
         return
     _record_compile_cache_use(state)
-    if state["run_dir"] is not None:
+    if state.run_dir is not None:
         from harness.reporting.report import failure_texts, write_report
 
-        state["benchmarks"] = _benchmark_document(session.config)
-        state["failure_texts"] = failure_texts(session.config)  # whole messages and tracebacks, folded in the report
-        write_report(state["run_dir"], state, _capabilities(session.config), exitstatus=int(exitstatus))
+        state.benchmarks = _benchmark_document(session.config)
+        state.failure_texts = failure_texts(session.config)  # whole messages and tracebacks, folded in the report
+        write_report(state.run_dir, state, _capabilities(session.config), exitstatus=int(exitstatus))
 
 
 def _record_compile_cache_use(state) -> None:
@@ -485,24 +484,24 @@ def _record_compile_cache_use(state) -> None:
 
     use = cache_use()
     if use and any(use.values()):
-        state["records"].append(Result(
+        state.records.append(Result(
             suite="harness", check="compile caches", metric="FX-graph cache hits", value=use["fxgraph_cache_hit"],
-            where="inductor", details={**use, **state["compile_caches"]}))
+            where="inductor", details={**use, **state.compile_caches}))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     state = config.stash.get(_STATE_KEY, None)
     if state is None:
         return
-    rows = state["run_times"].rows()
+    rows = state.run_times.rows()
     if len(rows) > 1:
         terminalreporter.write_sep("-", "harness: time per suite (s)")
         terminalreporter.write_line(f"{'suite':<28} {'set-up':>8} {'compile':>8} {'measure':>8} {'total':>8} {'tests':>6}")
         for row in rows:
             terminalreporter.write_line(f"{row['suite']:<28} {row['setup_s']:>8.1f} {row['compile_s']:>8.1f} "
                                         f"{row['measure_s']:>8.1f} {row['total_s']:>8.1f} {row['tests']:>6}")
-    if state["run_dir"] is not None:
-        terminalreporter.write_line(f"harness report: {state['run_dir'] / 'report.md'}")
+    if state.run_dir is not None:
+        terminalreporter.write_line(f"harness report: {state.run_dir / 'report.md'}")
 
 
 # --- memory budgets (issue 6) ---
@@ -514,7 +513,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _budget_for(item) -> int | None:
     marker = item.get_closest_marker("memory_budget")
     if marker is None:
-        return _state(item.config)["run"].memory_budget_bytes
+        return _state(item.config).run.memory_budget_bytes
     if len(marker.args) != 1:
         raise pytest.UsageError(f"{item.nodeid}: memory_budget takes one size, e.g. memory_budget('12GiB')")
     if marker.args[0] is None:  # the test measures memory itself (e.g. runs eager over a budget on purpose)
@@ -528,7 +527,7 @@ def _budget_for(item) -> int | None:
 def _record_budget(config, nodeid: str, peak, budget: int, passed: bool) -> None:
     from harness.config import format_bytes
 
-    _state(config)["records"].append(Result(
+    _state(config).records.append(Result(
         suite=Path(nodeid.split("::")[0]).stem, check="memory budget", metric="peak MiB",
         value=round(peak.peak_bytes / 2**20, 1), threshold=round(budget / 2**20, 1), passed=passed,
         where=peak.method, details={"test": nodeid, "budget": format_bytes(budget), **peak.to_dict()}))
@@ -539,7 +538,7 @@ def _budgeted(config, nodeid: str, budget: int):
     from harness.memory import MemoryBudgetExceeded, measure_peak
 
     try:
-        with measure_peak(_state(config)["device"], budget_bytes=budget) as peak:
+        with measure_peak(_state(config).device, budget_bytes=budget) as peak:
             yield peak
     except MemoryBudgetExceeded as exc:
         _record_budget(config, nodeid, exc.peak, budget, passed=False)

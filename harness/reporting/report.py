@@ -26,6 +26,7 @@ from pathlib import Path
 
 from harness.reporting import text
 from harness.capabilities import dtype_name
+from harness.session import RunSession
 from harness.reporting.elements import Limits, ReportView
 from harness.reporting.view import build_view
 
@@ -74,36 +75,36 @@ def _environment(state) -> dict:
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "device": str(state["device"]),
-           "dtype": dtype_name(state["dtype"]), "host": platform.node()}
-    if state["device"].type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(state["device"])
+           "transformers": transformers.__version__, "device": str(state.device),
+           "dtype": dtype_name(state.dtype), "host": platform.node()}
+    if state.device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(state.device)
         env["cuda"] = torch.version.cuda
     return env
 
 
-def build_summary(state, caps, exitstatus: int) -> dict:
-    outcomes = state["outcomes"]
+def build_summary(state: RunSession, caps, exitstatus: int) -> dict:
+    outcomes = state.outcomes
     per_suite: dict[str, Counter] = defaultdict(Counter)
     for row in outcomes:
         per_suite[row["suite"]][row["outcome"]] += 1
-    run = state.get("run")
+    run = state.run
     return {
         "exit_status": exitstatus,
         "verdict": "PASS" if exitstatus == 0 else "FAIL",
-        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state["started"])),
-        "wall_time_s": round(time.time() - state["started"], 1),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(state.started)),
+        "wall_time_s": round(time.time() - state.started, 1),
         "models": [{"name": s.name, "kind": s.kind, "location": s.location, "trained_weights": s.trained}
-                   for s in state["specs"]],
+                   for s in state.specs],
         "environment": _environment(state),
         "run": _run_options(run),
         "suites": {suite: dict(counts) for suite, counts in sorted(per_suite.items())},
-        "suite_times": state["run_times"].rows() if state.get("run_times") else [],
+        "suite_times": state.run_times.rows(),
         "outcomes": outcomes,
-        "results": [r.to_dict() for r in state["records"]],
-        "capabilities": [c.to_dict() for c in caps] + [c.to_dict() for rows in state.get("model_caps", {}).values()
+        "results": [r.to_dict() for r in state.records],
+        "capabilities": [c.to_dict() for c in caps] + [c.to_dict() for rows in state.model_capabilities.values()
                                                         for c in rows],
-        "tracebacks": state.get("failure_texts") or {},
+        "tracebacks": state.failure_texts,
     }
 
 
@@ -254,11 +255,11 @@ def render_run(run_dir: Path, summary: dict, benchmarks: dict | None = None, *, 
     return summary
 
 
-def write_report(run_dir: Path, state, caps, exitstatus: int) -> dict:
+def write_report(run_dir: Path, state: RunSession, caps, exitstatus: int) -> dict:
     summary = build_summary(state, caps, exitstatus)
     atomic_write(run_dir / "results.json", json.dumps(summary, indent=1, default=str))
     atomic_write(run_dir / "capabilities.json", json.dumps(summary["capabilities"], indent=1))
-    benchmarks = state.get("benchmarks")  # pytest-benchmark's JSON document, when benchmarks ran
+    benchmarks = state.benchmarks  # pytest-benchmark's JSON document, when benchmarks ran
     if benchmarks:
         atomic_write(run_dir / "benchmarks.json", json.dumps(benchmarks, indent=1, default=str))
     return render_run(run_dir, summary, benchmarks)
