@@ -262,21 +262,10 @@ class AttentionCase:
 # faults in tests/planted_faults.py need: decode with GQA, square prefill with MHA, chunked prefill
 # with MQA and odd lengths, a head size that is no multiple of 16, and, where the suite allows long
 # inputs, a long prefill and a long decode. Masks, padding, windows, causality and values are still
-# drawn freely. The full and explore profiles search every shape.
+# drawn freely. Which profiles use them: harness.profiles (kernel_shape_buckets).
 # (batch, kv_heads, groups, q_len, k_len, head_dim); groups 1 = MHA, kv_heads 1 with groups > 1 = MQA
 SHAPE_BUCKETS = ((1, 2, 3, 1, 40, 64), (2, 4, 1, 40, 40, 128), (3, 1, 2, 17, 33, 80), (2, 2, 2, 7, 7, 36))
 LONG_SHAPE_BUCKETS = ((2, 2, 2, 160, 160, 64), (1, 1, 4, 1, 127, 128))
-FREE_SEARCH_PROFILES = ("full", "explore")
-
-
-def bucketed_search(environ=None) -> bool:
-    """Whether this run's hypothesis profile (HYPOTHESIS_PROFILE, default ci) draws kernel-search
-    shapes from SHAPE_BUCKETS."""
-    import os
-
-    return (environ if environ is not None else os.environ).get("HYPOTHESIS_PROFILE", "ci") not in FREE_SEARCH_PROFILES
-
-
 def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3,
                     buckets: bool = False):
     """hypothesis strategy over AttentionCase: decode (q_len=1), chunked prefill (q_len < k_len),

@@ -20,13 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-PROFILES = {
-    # quick: what a deployment gate needs in minutes: no slow tests, the CI-sized property search
-    # (30 examples per kernel: flash-attn-4 JIT-compiles every new shape, ~1 s each on the H100).
-    "quick": {"args": [], "env": {"HYPOTHESIS_PROFILE": "ci"}},
-    # full: the acceptance check: slow tests, full grids, more hypothesis examples.
-    "full": {"args": ["--run-slow"], "env": {"HYPOTHESIS_PROFILE": "full"}},
-}
+from harness.profiles import GATE_PROFILES
 
 
 def build_command(opts, extra: list[str], report_dir: str | None = None) -> tuple[list[str], dict]:
@@ -42,8 +36,9 @@ def build_command(opts, extra: list[str], report_dir: str | None = None) -> tupl
         cmd += ["--thresholds", opts.thresholds]
     if opts.attn:
         cmd += ["--attn", opts.attn]
-    cmd += PROFILES[opts.profile]["args"] + extra
-    env = dict(os.environ, **PROFILES[opts.profile]["env"])
+    profile = GATE_PROFILES[opts.profile]  # quick: no slow tests, the CI-sized search; full: everything
+    cmd += (["--run-slow"] if profile.run_slow else []) + extra
+    env = dict(os.environ, HYPOTHESIS_PROFILE=profile.name)
     env.setdefault("HF_HUB_OFFLINE", "1")
     return cmd, env
 
@@ -137,7 +132,7 @@ def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m", help="model under test (see pytest --help, --model)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--profile", choices=sorted(GATE_PROFILES), default="quick")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attn", default="", help="attention implementations to test (default: all available)")

@@ -17,6 +17,7 @@ from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_byte
 from harness.errors import HarnessUsageError, VariantRefused
 from harness.model_capabilities import model_category, refusals
 from harness.model_factory import ModelFactory
+from harness.profiles import register_hypothesis_profiles
 from harness.results import Result, skip_outcome
 from harness.run_times import RunTimes, compile_seconds_so_far
 from harness.session import RunSession
@@ -89,7 +90,7 @@ def pytest_configure(config):
         tolerances = load_tolerances(run.thresholds_file)
     except HarnessUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
-    _register_hypothesis_profiles()
+    register_hypothesis_profiles()
     _activate_planted_fault_from_env()
     from harness.compile_cache import enable_persistent_compile_caches
     from harness.config import cache_root
@@ -106,24 +107,6 @@ def pytest_configure(config):
         state.run_dir = run_dir
         if not config.option.xmlpath:
             config.option.xmlpath = str(run_dir / "junit.xml")
-
-
-def _register_hypothesis_profiles() -> None:
-    """ci (default): bounded for the 2-core CI budget; quick: the GPU gate; full: acceptance runs;
-    explore: seed sweeps.
-    Select with HYPOTHESIS_PROFILE; suites' own @settings override per test where a search needs it."""
-    import os
-
-    from hypothesis import HealthCheck, settings
-
-    common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-                  print_blob=True)
-    settings.register_profile("ci", max_examples=30, derandomize=True, **common)
-    settings.register_profile("quick", max_examples=60, derandomize=True, **common)
-    settings.register_profile("full", max_examples=400, **common)
-    # the seed sweep: ci's budget, but shapes drawn from --hypothesis-seed instead of a fixed search
-    settings.register_profile("explore", max_examples=30, derandomize=False, **common)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"

@@ -19,7 +19,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, example, given, reject, settings
 
-from harness.attention import (AttentionCase, attention_cases, bucketed_search, check_attention_kernel, eager_attention,
+from harness import profiles
+from harness.attention import (AttentionCase, attention_cases, check_attention_kernel, eager_attention,
                                error_over_allowed)
 from harness.backends.attention import ATTENTION_BACKENDS, fused_backends
 from harness.capabilities import dtype_name
@@ -109,7 +110,7 @@ COLLECTING = settings(suppress_health_check=[*settings.default.suppress_health_c
 
 @pytest.mark.parametrize("name", FUSED_KERNELS)
 @COLLECTING
-@given(case=attention_cases(buckets=bucketed_search()))
+@given(case=attention_cases(buckets=profiles.active().kernel_shape_buckets))
 @_with_hard_cases
 def test_kernel_matches_fp64_reference_fp32_cpu(name, case, require, run_config, device, tolerances, error_ratios):
     if device.type != "cpu":
@@ -125,7 +126,7 @@ def test_kernel_matches_fp64_reference_fp32_cpu(name, case, require, run_config,
 @pytest.mark.parametrize("name", FUSED_KERNELS)
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @COLLECTING
-@given(case=attention_cases(max_len=160, buckets=bucketed_search()))
+@given(case=attention_cases(max_len=160, buckets=profiles.active().kernel_shape_buckets))
 @_with_hard_cases
 def test_kernel_matches_fp64_reference_half_cuda(name, half, case, require, run_config, device, tolerances,
                                                  error_ratios):
@@ -135,7 +136,7 @@ def test_kernel_matches_fp64_reference_half_cuda(name, half, case, require, run_
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", FUSED_KERNELS)
 @COLLECTING
-@given(case=attention_cases(max_len=160, buckets=bucketed_search()))
+@given(case=attention_cases(max_len=160, buckets=profiles.active().kernel_shape_buckets))
 def test_kernel_matches_fp64_reference_fp32_cuda(name, case, require, run_config, device, tolerances, error_ratios):
     kernel = _selected(name, require, run_config, device, torch.float32)
     if kernel.low_precision_only:

@@ -118,3 +118,10 @@ def test_side_by_side_gate_merges_one_report(tmp_path):
     assert sorted(p.name for p in (latest / "logs").glob("*.log")) == ["exclusive.log", "shard-1-of-2.log",
                                                                        "shard-2-of-2.log"]
     assert not list((tmp_path / "reports").glob(".gate-parts-*"))
+
+
+def test_a_profile_sets_slow_tests_and_the_search_together():
+    """One table (harness.profiles): the gate's profile picks the slow tests and hypothesis' search."""
+    for name, slow, search in (("quick", False, "ci"), ("full", True, "full")):
+        cmd, env = gate.build_command(*gate.parse(["--profile", name]))
+        assert ("--run-slow" in cmd) == slow and env["HYPOTHESIS_PROFILE"] == search

@@ -1,7 +1,6 @@
 """The gate's side-by-side run (harness.sharding, harness.reporting.merge): every test in exactly one
 shard, whole functions together, and one report from several processes."""
 
-import json
 import xml.etree.ElementTree as ET
 
 import pytest

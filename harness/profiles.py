@@ -1,0 +1,55 @@
+"""Profiles: how much one run checks, in one table (issue 17).
+
+A profile sets together what would otherwise be three separate switches: whether the tests marked
+``slow`` run (pytest's ``--run-slow``), how hard hypothesis searches (its profile of the same
+name, selected with HYPOTHESIS_PROFILE), and whether the attention-kernel search draws its shapes
+from harness.attention.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
+
+- ``ci``: the default, and the gate's ``quick`` profile: bounded for the 2-core CI machine and a
+  gate in minutes; derandomised, so a rerun checks the same inputs (``--seed`` still moves values);
+- ``full``: the gate's ``full`` profile, the acceptance check: slow tests, 400 examples, every shape;
+- ``explore``: seed sweeps (examples/seed-sweep.sh): ci's budget, shapes drawn from
+  ``--hypothesis-seed`` instead of a fixed search.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    run_slow: bool  # the tests marked slow run too (pytest --run-slow)
+    max_examples: int  # hypothesis examples per search
+    derandomize: bool  # hypothesis draws the same examples every run
+    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.attention.SHAPE_BUCKETS
+
+
+PROFILES = {p.name: p for p in (
+    Profile("ci", run_slow=False, max_examples=30, derandomize=True, kernel_shape_buckets=True),
+    Profile("full", run_slow=True, max_examples=400, derandomize=False, kernel_shape_buckets=False),
+    Profile("explore", run_slow=False, max_examples=30, derandomize=False, kernel_shape_buckets=False),
+)}
+DEFAULT = "ci"
+# `python -m harness.gate --profile NAME` -> the profile it runs
+GATE_PROFILES = {"quick": PROFILES["ci"], "full": PROFILES["full"]}
+
+
+def active(environ=None) -> Profile:
+    """The profile HYPOTHESIS_PROFILE names (the default without it; an unknown name: the default)."""
+    return PROFILES.get((environ if environ is not None else os.environ).get("HYPOTHESIS_PROFILE", DEFAULT),
+                        PROFILES[DEFAULT])
+
+
+def register_hypothesis_profiles(environ=None) -> None:
+    """Register every profile with hypothesis and load the active one; suites' own @settings still
+    override per test where a search needs it."""
+    from hypothesis import HealthCheck, settings
+
+    for profile in PROFILES.values():
+        settings.register_profile(profile.name, max_examples=profile.max_examples, derandomize=profile.derandomize,
+                                  deadline=None, print_blob=True,
+                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    settings.load_profile(active(environ).name)
