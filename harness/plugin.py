@@ -91,7 +91,7 @@ def pytest_configure(config):
     except HarnessUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     register_hypothesis_profiles()
-    _activate_planted_fault_from_env()
+    _activate_planted_fault_from_env(config)
     from harness.compile_cache import enable_persistent_compile_caches
     from harness.config import cache_root
 
@@ -112,22 +112,33 @@ def pytest_configure(config):
 PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"
 
 
-def _activate_planted_fault_from_env() -> None:
-    """Exists only to prove the gate fails: HARNESS_PLANTED_FAULT=<name> breaks one implementation
-    (the faults live in tests/planted_faults.py of a checkout; they are never on by default)."""
+def _planted_fault_spec(name: str):
+    """Break implementation `name` on purpose (HARNESS_PLANTED_FAULT=<name>) and return True; raise
+    KeyError for a name the provider does not know. A checkout's root conftest.py provides it from
+    tests/planted_faults.py: the library never imports the faults."""
+
+
+def pytest_addhooks(pluginmanager):
+    from types import SimpleNamespace
+
+    pluginmanager.add_hookspecs(SimpleNamespace(
+        pytest_harness_planted_fault=pytest.hookspec(firstresult=True)(_planted_fault_spec)))
+
+
+def _activate_planted_fault_from_env(config) -> None:
+    """Exists only to prove the gate fails; never on by default."""
     import os
 
     name = os.environ.get(PLANTED_FAULT_ENV)
     if not name:
         return
     try:
-        from tests.planted_faults import activate_planted_fault
-    except ImportError as exc:
-        raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: planted faults need a checkout with tests/ ({exc})") from None
-    try:
-        activate_planted_fault(name)
+        provided = config.hook.pytest_harness_planted_fault(name=name)
     except KeyError as exc:
         raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: unknown fault {exc}") from None
+    if not provided:
+        raise pytest.UsageError(f"{PLANTED_FAULT_ENV}={name}: no plugin provides planted faults; they live in a "
+                                "checkout's tests/ (run pytest from the checkout root)")
     print(f"[harness] PLANTED FAULT ACTIVE: {name} (this run is expected to fail)")
 
 
