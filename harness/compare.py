@@ -231,3 +231,15 @@ def first_diverging_layer(hidden_states_impl, hidden_states_eager, hidden_states
             tightest = v
     assert tightest is not None, "no hidden states to compare"
     return Verdict(**{**tightest.__dict__, "message": f"all {n} layers within the rule; tightest {tightest.message}"})
+
+def error_over_allowed(*verdicts) -> float:
+    """The quantity harness.compare's k x eager rule decides on, for result rows: the largest
+    error / allowed error (allowed = k x eager's error + slack) of ``verdicts``; every verdict
+    passes exactly when this is <= 1. (Verdict.ratio, error / eager's error, is not decisive: the
+    slack lets a near-exact eager be far exceeded in ratio by an error still within rounding.)"""
+    def one(v):
+        if v.allowed:
+            return v.error / v.allowed
+        return 0.0 if v.error == 0 else float("inf")
+
+    return max(one(v) for v in verdicts)

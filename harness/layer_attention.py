@@ -1,6 +1,6 @@
 """Each layer's attention call, made the way the model makes it, on the same inputs for every backend.
 
-Why: the end-to-end rule (harness.attention.compare_model_outputs) measures hidden states after the
+Why: the end-to-end rule (harness.attention_model.compare_model_outputs) measures hidden states after the
 whole network. In bf16 the network's own rounding (every matmul, norm and MLP) dominates eager's
 distance to the reference, so a systematic attention error of a few percent hides in it (H200:
 a softmax scale 3 % too large passed every model-level test in bf16). Here only the attention
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.attention import _reference_attention_forward, padded_position_ids
+from harness.attention_model import _reference_attention_forward, padded_position_ids
 
 
 class DispatchNotRecorded(RuntimeError):

@@ -3,7 +3,7 @@
 A profile sets together what would otherwise be three separate switches: whether the tests marked
 ``slow`` run (pytest's ``--run-slow``), how hard hypothesis searches (its profile of the same
 name, selected with HYPOTHESIS_PROFILE), and whether the attention-kernel search draws its shapes
-from harness.attention.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
+from harness.attention_cases.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
 
 - ``ci``: the default, and the gate's ``quick`` profile: bounded for the 2-core CI machine and a
   gate in minutes; derandomised, so a rerun checks the same inputs (``--seed`` still moves values);
@@ -24,7 +24,7 @@ class Profile:
     run_slow: bool  # the tests marked slow run too (pytest --run-slow)
     max_examples: int  # hypothesis examples per search
     derandomize: bool  # hypothesis draws the same examples every run
-    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.attention.SHAPE_BUCKETS
+    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.attention_cases.SHAPE_BUCKETS
 
 
 PROFILES = {p.name: p for p in (

@@ -1,7 +1,7 @@
 """Size the references and comparisons the harness builds itself, before building them (issue 13).
 
 Rule: no reference or comparison that the harness itself builds may run out of memory on a card
-where the model under test fits. A model-level comparison (harness.attention.compare_model_outputs)
+where the model under test fits. A model-level comparison (harness.attention_model.compare_model_outputs)
 holds, besides the variants under test, the eager baseline's activations, an upcast copy of the
 weights (float32 on GPU: twice a bf16 model), that copy's activations (every layer's hidden states
 and the eager N x N scores, in the wider dtype) and float64 temporaries of the comparison itself.
@@ -382,7 +382,7 @@ def planned_reference(model, plan: ReferencePlan, reference_dtype):
     """Yields the upcast reference of ``model`` placed as ``plan`` says (``layers``: its decoder
     layers stream from host memory during every forward inside the block; ``cpu``: on the CPU, so
     its inputs must be there). Its weights are released when the block ends."""
-    from harness.attention import upcast_reference
+    from harness.attention_model import upcast_reference
 
     if plan.placement not in PLACEMENTS:
         raise ValueError(f"placement {plan.placement!r}: one of {PLACEMENTS}")
@@ -400,7 +400,7 @@ def planned_reference(model, plan: ReferencePlan, reference_dtype):
 def reference_outputs(model, input_ids, attention_mask, plan: ReferencePlan, reference_dtype):
     """The upcast reference's forward (every hidden state and the logits, no KV cache) as ``plan``
     says, returned on the inputs' device; the reference's weights are released before returning."""
-    from harness.attention import model_forward, reference_context
+    from harness.attention_model import model_forward, reference_context
 
     device = input_ids.device
     with planned_reference(model, plan, reference_dtype) as reference:

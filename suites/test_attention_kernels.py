@@ -20,8 +20,9 @@ import torch
 from hypothesis import HealthCheck, example, given, reject, settings
 
 from harness import profiles
-from harness.attention import (AttentionCase, attention_cases, check_attention_kernel, eager_attention,
-                               error_over_allowed)
+from harness.attention import eager_attention
+from harness.attention_cases import AttentionCase, attention_cases, check_attention_kernel
+from harness.compare import error_over_allowed
 from harness.backends.attention import ATTENTION_BACKENDS, fused_backends
 from harness.capabilities import dtype_name
 

@@ -15,8 +15,9 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention import (compare_model_outputs, error_over_allowed, known_disagreement, model_forward,
-                               padded_position_ids, reference_context, upcast_reference)
+from harness.attention_model import (compare_model_outputs, known_disagreement, model_forward, padded_position_ids,
+                                     reference_context, upcast_reference)
+from harness.compare import error_over_allowed
 from harness.backends.attention import fused_backends
 from harness.capabilities import dtype_name
 from harness.compare import compare_tensors

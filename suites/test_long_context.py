@@ -365,14 +365,15 @@ LONG_ATTENTION_PROMPT = {"cpu": 1024, "cuda": None}  # None: the model's whole w
 
 def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_context_attn, device, dtype, tolerances,
                                              run_config, record_result):
-    """The attention suite's rule (harness.attention.compare_model_outputs) at thousands of tokens,
+    """The attention suite's rule (harness.attention_model.compare_model_outputs) at thousands of tokens,
     where fused kernels split the keys into many blocks: every layer and the logits of the
     long-context implementation against eager, both measured against the upcast reference.
     On a GPU the prompt is the model's window, or the longest (at least the CPU length) for which
     harness.reference_sizing predicts that the reference and the comparison fit beside the variants."""
     import torch
 
-    from harness.attention import compare_model_outputs, error_over_allowed, known_disagreement, model_forward
+    from harness.attention_model import compare_model_outputs, known_disagreement, model_forward
+    from harness.compare import error_over_allowed
     from harness.reference_sizing import plan_model_reference, reference_outputs
 
     if long_context_attn == "eager":

@@ -122,7 +122,7 @@ def test_prediction_from_a_config_uses_the_harness_memory_predictions():
 @pytest.mark.parametrize("placement", ["layers", "cpu"])
 @pytest.mark.parametrize("preset", ["tiny:llama", "tiny:gpt2"])
 def test_streamed_and_cpu_references_give_the_device_reference_bit_for_bit(placement, preset):
-    from harness.attention import model_forward, reference_context, upcast_reference
+    from harness.attention_model import model_forward, reference_context, upcast_reference
     from harness.presets import build_preset
 
     model = build_preset(preset, torch.device("cpu"), torch.float32)

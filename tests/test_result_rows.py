@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from harness.attention import error_over_allowed
+from harness.compare import error_over_allowed
 from harness.compare import compare_tensors
 from harness.config import Tolerances
 from harness.token_agreement import (IDENTICAL, LENGTH_MISMATCH, LOGITS_MISMATCH, NEAR_TIE, TOKEN_MISMATCH,
