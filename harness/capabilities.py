@@ -25,7 +25,6 @@ class Capability:
         return asdict(self)
 
 
-BNB_SCHEMES = ("bnb_int8", "bnb_nf4", "bnb_fp4")
 
 
 def resolve_device(text: str):
@@ -96,32 +95,6 @@ def try_probe(fn) -> str | None:
     return None
 
 
-def _probe_bnb(scheme: str, device) -> str | None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "package bitsandbytes not installed (pip install bitsandbytes)"
-    import torch
-
-    def run():
-        import bitsandbytes as bnb
-
-        base = torch.nn.Linear(64, 64, bias=False)
-        if scheme == "bnb_int8":
-            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False, threshold=6.0)
-            layer.weight = bnb.nn.Int8Params(base.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
-        else:
-            quant = "nf4" if scheme == "bnb_nf4" else "fp4"
-            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type=quant)
-            layer.weight = bnb.nn.Params4bit(base.weight.data.clone(), requires_grad=False, quant_type=quant)
-            dtype = torch.bfloat16
-        layer = layer.to(device)
-        out = layer(torch.randn(2, 64, device=device, dtype=dtype))
-        if not torch.isfinite(out).all():
-            raise RuntimeError("non-finite output from the quantised layer")
-
-    return try_probe(run)
-
-
 def _nvml() -> Capability:
     if importlib.util.find_spec("pynvml") is None:
         return Capability("nvml", "memory", False, "package missing: nvidia-ml-py")
@@ -146,9 +119,11 @@ def detect(device, dtype) -> tuple[Capability, ...]:
     from harness.backends.attention import ATTENTION_BACKENDS
 
     caps = [backend.capability(device, dtype) for backend in ATTENTION_BACKENDS.values()]
-    for scheme in BNB_SCHEMES:
-        err = _probe_bnb(scheme, device)
-        caps.append(Capability(scheme, "quantization", err is None, err or f"quantised Linear ran on {device.type}"))
+    from harness.backends import quantization
+
+    for name, scheme in quantization.capability_probes().items():
+        available, reason = quantization.probe(scheme, device)
+        caps.append(Capability(name, "quantization", available, reason))
     caps.append(_nvml() if device.type == "cuda" else Capability("nvml", "memory", False, "no CUDA device in this run"))
     caps.append(Capability("cuda", "device", torch.cuda.is_available(),
                            torch.cuda.get_device_name(0) if torch.cuda.is_available() else

@@ -458,9 +458,6 @@ def release_device_memory(device) -> None:
 # ---------------------------------------------------------------------------------------------
 # Predictions
 
-SCHEMES = ("none", "int8", "nf4", "fp4")
-
-
 @dataclass(frozen=True)
 class ParameterCounts:
     """Parameters of a model built from its config on the meta device (nothing allocated)."""
@@ -506,34 +503,25 @@ class WeightPrediction:
     breakdown: dict = field(default_factory=dict)
 
 
-def predict_weight_bytes(counts: ParameterCounts, dtype, scheme: str = "none", *, blocksize: int = 64,
-                         double_quant: bool = False) -> WeightPrediction:
+def predict_weight_bytes(counts: ParameterCounts, dtype, scheme: str = "none", *, blocksize: int = 64) -> WeightPrediction:
     """Bytes of the weights once loaded. `dtype` is the compute dtype of what stays dense.
 
     - none: params x bytes per element (the seed's "2 x billions of params GB" in bf16).
-    - int8 (LLM.int8, bitsandbytes Linear8bitLt): 1 byte per linear weight + one fp32 scale per
-      output row; everything else dense.
-    - nf4/fp4 (Linear4bit): half a byte per linear weight + one fp32 absmax per `blocksize`
-      weights; with double quantisation the absmax is itself stored in 8 bits with one fp32
-      absmax per 256 blocks.
+    - a quantization scheme (harness.backends.quantization): every linear weight but the LM head at
+      the scheme's bits, plus its statistics (int8: one fp32 scale per output row; 4-bit: one fp32
+      absmax per `blocksize` weights, 8-bit absmax with double quantization); everything else dense.
     """
     import torch
 
-    if scheme not in SCHEMES:
-        from harness.errors import HarnessUsageError
+    from harness.backends.quantization import get_scheme
 
-        raise HarnessUsageError(f"unknown quantisation scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     dense_size = torch.empty((), dtype=dtype).element_size()
     if scheme == "none":
         return WeightPrediction(scheme, counts.total * dense_size, {"dense": counts.total * dense_size})
+    record = get_scheme(scheme)
     dense = counts.kept_dense * dense_size
-    if scheme == "int8":
-        quant = counts.linear * 1
-        stats = counts.linear_out_features * 4
-    else:
-        quant = math.ceil(counts.linear / 2)
-        blocks = math.ceil(counts.linear / blocksize)
-        stats = blocks * 1 + math.ceil(blocks / 256) * 4 if double_quant else blocks * 4
+    quant = record.quantized_bytes(counts.linear)
+    stats = record.statistics_bytes(counts.linear, counts.linear_out_features, blocksize)
     return WeightPrediction(scheme, dense + quant + stats, {"dense": dense, "quantized": quant, "statistics": stats})
 
 

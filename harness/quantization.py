@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness.backends.quantization import get_scheme
 from harness.config import read_thresholds_section
 from harness.errors import HarnessUsageError
 
@@ -35,55 +36,6 @@ MIN_SCORED_TOKENS = 100
 KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
 DELTA_P_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
 TOPK = (5, 10)
-
-
-# ---------------------------------------------------------------------------------------------
-# Schemes
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """One bitsandbytes scheme: `capability` is its row in the capability matrix."""
-
-    name: str
-    bits: int
-    quant_type: str  # "int8" | "nf4" | "fp4"
-    double_quant: bool = False
-    capability: str = ""
-
-    def config(self, compute_dtype=None, skip_modules: list[str] | None = None):
-        """The transformers BitsAndBytesConfig. skip_modules: extra modules kept unquantized (for
-        planted faults; None lets transformers keep the LM head and tied weights in full precision)."""
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        extra = {} if skip_modules is None else {"llm_int8_skip_modules": list(skip_modules)}
-        if self.bits == 8:
-            # 6.0: the outlier threshold of the LLM.int8() paper and of transformers' default; feature
-            # dimensions with |activation| above it run in 16-bit.
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, **extra)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=compute_dtype or torch.bfloat16, **extra)
-
-
-SCHEMES: dict[str, QuantScheme] = {s.name: s for s in (
-    QuantScheme("int8", 8, "int8", capability="bnb_int8"),
-    QuantScheme("nf4", 4, "nf4", capability="bnb_nf4"),
-    QuantScheme("nf4-dq", 4, "nf4", double_quant=True, capability="bnb_nf4"),
-    QuantScheme("fp4", 4, "fp4", capability="bnb_fp4"),
-    QuantScheme("fp4-dq", 4, "fp4", double_quant=True, capability="bnb_fp4"),
-)}
-
-
-def get_scheme(name: str) -> QuantScheme:
-    if name not in SCHEMES:
-        raise HarnessUsageError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}")
-    return SCHEMES[name]
-
-
-def quantization_config(name: str, compute_dtype=None, skip_modules: list[str] | None = None):
-    return get_scheme(name).config(compute_dtype, skip_modules)
 
 
 # ---------------------------------------------------------------------------------------------

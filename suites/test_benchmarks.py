@@ -24,7 +24,7 @@ import torch
 
 from harness.capabilities import dtype_name
 from harness.memory import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
-from harness.quantization import quantization_config
+from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
 from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
                             percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)
 
@@ -188,12 +188,12 @@ def test_decode_dtype(benchmark, half, speed_spec, attn_variant, counts, device,
                                                      "cache": "dynamic", "quantization": "none"}, figures, device_peaks)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "nf4", "fp4"])
+@pytest.mark.parametrize("scheme", measured_schemes())
 def test_decode_quantized(benchmark, scheme, request, speed_spec, quantizable, model_factory, counts, device, dtype,
                           device_peaks, require, run_config, record_result):
     if device.type == "cpu" and not request.config.getoption("--run-slow"):
         pytest.skip("bitsandbytes on CPU takes ~10 s to load and ~2 s per token here: full profile only (--run-slow)")
-    require(f"bnb_{scheme}")
+    require(get_scheme(scheme).capability)
     model = model_factory("sdpa", quantization=scheme, quantization_config=quantization_config(scheme, compute_dtype=dtype))
     clocks = _run_generate(benchmark, model, device, batch=1, new_tokens=SHAPE[device.type]["new_tokens"], seed=run_config.seed)
     figures = _decode_figures(clocks, counts, model.config, 1, dtype, scheme, device, device_peaks)

@@ -21,7 +21,7 @@ from harness.memory import (MODEL_STORAGE_METHOD, SCALING_CHECK, attention_score
                             kv_bytes_per_token, measure_peak, model_storage_bytes, parameter_counts, predict_eager_attention_peak_bytes,
                             predict_kv_cache_bytes, predict_weight_bytes, release_device_memory)
 from harness.models import load_model
-from harness.quantization import quantization_config
+from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
 from harness.timing import prefill_flops
 
 # exclusive: these tests read the device's memory (NVML counts every process), so harness.gate runs
@@ -88,7 +88,7 @@ def _prefill_peak(model, ids):
     return peak
 
 
-@pytest.mark.parametrize("scheme", ["none", "int8", "nf4", "fp4"])
+@pytest.mark.parametrize("scheme", ["none", *measured_schemes()])
 def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, counts, device, dtype, tolerances,
                                        require, record_result, seed, request):
     quantization = None
@@ -98,7 +98,7 @@ def test_weight_bytes_match_prediction(scheme, model_spec, reference_model, coun
             pytest.skip("on CPU the checkpoint is memory-mapped and bitsandbytes keeps its quantisation state "
                         "outside the parameters, so neither allocation counters nor the model's storages hold "
                         "the whole footprint; CUDA's allocator counts it exactly")
-        require(f"bnb_{scheme}")
+        require(get_scheme(scheme).capability)
         quantization = quantization_config(scheme, compute_dtype=dtype)
     predicted = predict_weight_bytes(counts, dtype, scheme)
     _warm_up(reference_model, device, seed)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from harness import quantization as Q
+from harness.backends import quantization as schemes
 from harness.capabilities import dtype_name
 from harness.errors import HarnessUsageError
 
@@ -24,7 +25,7 @@ CI_PROMPTS, CI_NEW_TOKENS = 2, 12
 FULL_NEW_TOKENS = 32
 
 SCHEME_PARAMS = [pytest.param(name, id=name, marks=() if name in CI_SCHEMES else pytest.mark.slow)
-                 for name in Q.SCHEMES]
+                 for name in schemes.SCHEMES]
 
 _table_rows: dict[str, dict] = {}
 
@@ -60,14 +61,14 @@ def _evaluation_set(tokenizer, reference, window: int, count: int | None):
 @pytest.fixture(scope="module", params=SCHEME_PARAMS)
 def scheme(request, quantizable, require):
     name = request.param
-    require(Q.SCHEMES[name].capability)
+    require(schemes.SCHEMES[name].capability)
     return name
 
 
 @pytest.fixture(scope="module")
 def quantized(scheme, model_factory, dtype):
     return model_factory("eager", dtype=dtype, quantization=scheme,
-                         quantization_config=Q.quantization_config(scheme))
+                         quantization_config=schemes.quantization_config(scheme))
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_report_table_so_far(model_spec, scheme, quantized, quant_reference, ci_
     if scheme not in _table_rows:
         _table_rows[scheme] = Q.table_row(scheme, ci_statistics,
                                           quantized.get_memory_footprint() / quant_reference.get_memory_footprint())
-    table = Q.markdown_table([_table_rows[name] for name in Q.SCHEMES if name in _table_rows])
+    table = Q.markdown_table([_table_rows[name] for name in schemes.SCHEMES if name in _table_rows])
     full = request.config.getoption("--run-slow")
     record_result(check="table", metric="schemes in the quantization table", value=len(_table_rows),
                   section="Quantization: scheme x statistics", table=table,

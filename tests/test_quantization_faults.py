@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness import quantization as Q
+from harness.backends import quantization as schemes
 from harness.capabilities import by_name, detect
 from harness.models import ModelSpec, load_model, load_tokenizer
 
@@ -47,7 +48,7 @@ def evaluation(reference, tokenizer):
 @pytest.fixture(scope="module")
 def int8_model(spec):
     _require("bnb_int8")
-    return load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("int8"))
+    return load_model(spec, device=CPU, dtype=torch.float32, quantization_config=schemes.quantization_config("int8"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_reference_made_from_the_quantized_weights_fails_the_layer_band(int8_mod
 
 def test_four_bit_grid_where_int8_was_asked_fails_the_layer_band(spec, reference):
     _require("bnb_nf4")
-    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("nf4"))
+    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=schemes.quantization_config("nf4"))
     layers = Q.layer_reconstructions(reference, model)
     assert Q.check_layer_errors(layers, Q.QuantizationThresholds().nf4, scheme="nf4") == []  # its own band
     failures = Q.check_layer_errors(layers, Q.QuantizationThresholds().int8, scheme="int8")
@@ -132,7 +133,7 @@ def test_scale_off_by_five_percent_is_caught_by_layer_gain(int8_model, int8_hidd
 @pytest.mark.slow
 def test_nf4_absmax_off_by_five_percent_is_caught_by_layer_gain(spec, reference):
     _require("bnb_nf4")
-    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=Q.quantization_config("nf4"))
+    model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=schemes.quantization_config("nf4"))
     layer = model.get_submodule(FAULTY_LAYER)
     gains = _planted_scale_error(model, reference, layer.weight.quant_state.absmax, "nf4")
     assert len(gains) == 1 and FAULTY_LAYER in gains[0], gains
@@ -140,7 +141,7 @@ def test_nf4_absmax_off_by_five_percent_is_caught_by_layer_gain(spec, reference)
 
 def test_layer_left_unquantized_fails_footprint(spec, reference):
     _require("bnb_int8")
-    config = Q.quantization_config("int8", skip_modules=["lm_head", "model.layers.7.mlp.down_proj"])
+    config = schemes.quantization_config("int8", skip_modules=["lm_head", "model.layers.7.mlp.down_proj"])
     model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=config)
     prediction = Q.predict_footprint(reference, "int8")
     failures = Q.check_footprint(model.get_memory_footprint(), prediction, Q.QuantizationThresholds().footprint_rel_margin,
