@@ -29,7 +29,7 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
     from transformers import AutoModelForCausalLM
 
     from harness.backends.attention import ATTENTION_BACKENDS
-    from harness.generation import supports_static_cache
+    from harness.backends.cache import supports_static_cache
     from harness.models import first_line, model_config
 
     category = model_category(spec.name)

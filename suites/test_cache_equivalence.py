@@ -10,6 +10,7 @@ the no-cache reference (every step recomputes attention over the whole sequence)
 import pytest
 
 from harness import generation as gen
+from harness.backends import cache as caches
 
 
 @pytest.fixture(scope="session")
@@ -22,15 +23,15 @@ def no_cache_reference(reference_model, prompt_inputs, pad):
     return gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad)
 
 
-@pytest.mark.parametrize("cache_name", list(gen.CACHE_TYPES))
+@pytest.mark.parametrize("cache_name", list(caches.CACHE_TYPES))
 def test_cache_type_matches_no_cache(cache_name, reference_model, device, prompt_inputs, pad, no_cache_reference, agrees,
                                      known_transformers_bug):
-    kind = gen.get_cache_type(cache_name)
+    kind = caches.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
     if reason:
         pytest.skip(f"{cache_name}: {reason}")
     try:
-        run = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+        run = caches.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
     except ValueError as exc:
         sliding = getattr(reference_model.config.get_text_config(decoder=True), "sliding_window", None)
         known_transformers_bug(cache_name == "offloaded-static" and bool(sliding),
@@ -53,7 +54,7 @@ def test_second_turn_reusing_first_turn_cache_equals_fresh_second_turn(reference
 @pytest.mark.parametrize("cache_name", ["dynamic", "static"])
 def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model, tokenizer, device, pad, prompt_inputs, agrees,
                                                     run_config, known_transformers_bug):
-    kind = gen.get_cache_type(cache_name)
+    kind = caches.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
     if reason:
         pytest.skip(f"{cache_name}: {reason}")
@@ -67,14 +68,14 @@ def test_cache_reused_after_reset_equals_fresh_cache(cache_name, reference_model
                            "positions, so a reused cache attends to zeros (later releases drop them)")
     reused = gen.greedy(reference_model, prompt_inputs, label=f"{cache_name} cache after reset()", pad_token_id=pad,
                         disable_compile=True, **{gen.cache_kwarg(): cache})
-    fresh = gen.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
+    fresh = caches.cached_run(reference_model, prompt_inputs, kind, pad_token_id=pad)
     agrees(fresh, reused, f"{cache_name} cache reset vs fresh")
 
 
 def test_cropped_dynamic_cache_continues_like_the_shorter_run(reference_model, prompt_inputs, pad, agrees):
     import torch
 
-    full = gen.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
+    full = caches.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
     rollback = len(full.tokens) // 2
     gen.crop_cache(full.cache, rollback)
     shorter = full.sequence[: full.sequence.shape[0] - rollback].unsqueeze(0)
@@ -99,10 +100,10 @@ def test_left_padded_batch_equals_each_prompt_alone(reference_model, tokenizer, 
 
 
 def test_static_cache_compiled_equals_uncompiled_dynamic_cache(reference_model, device, prompt_inputs, pad, agrees, record_result):
-    reason = gen.supports_static_cache(reference_model)
+    reason = caches.supports_static_cache(reference_model)
     if reason:
         pytest.skip(f"static cache + torch.compile: {reason}")
-    dynamic = gen.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
+    dynamic = caches.cached_run(reference_model, prompt_inputs, "dynamic", pad_token_id=pad)
     try:
         runs = gen.compiled_static_runs(reference_model, prompt_inputs, pad_token_id=pad)
     except Exception as exc:  # inductor needs a C++ compiler on CPU; report why instead of failing

@@ -10,6 +10,7 @@ prompt lookup must have drafts accepted (a lookup that never hits is plain greed
 import pytest
 
 from harness import generation as gen
+from harness import speculative
 from harness.errors import HarnessUsageError
 from harness.results import inconclusive_reason
 
@@ -32,8 +33,8 @@ def plain_greedy(reference_model, prompt_inputs, pad):
 def _assistant(kind, model):
     if kind == "truncated copy":
         keep = max(1, model.config.get_text_config(decoder=True).num_hidden_layers // 15)
-        return gen.truncated_copy(model, keep), f"the target's first {keep} layer(s)"
-    return gen.small_preset_assistant(model), "a 1-layer tiny:llama"
+        return speculative.truncated_copy(model, keep), f"the target's first {keep} layer(s)"
+    return speculative.small_preset_assistant(model), "a 1-layer tiny:llama"
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +48,7 @@ def assisted_runs(reference_model, prompt_inputs, pad):
             runs[kind] = str(exc)  # the reason this assistant does not apply to the model
             continue
         try:
-            runs[kind] = gen.assisted_run(reference_model, assistant, prompt_inputs, pad_token_id=pad,
+            runs[kind] = speculative.assisted_run(reference_model, assistant, prompt_inputs, pad_token_id=pad,
                                           label=f"assisted decoding (assistant: {what})")
         except RuntimeError as exc:
             if not (_sliding_window(reference_model) and older_transformers()):
@@ -65,7 +66,7 @@ def test_assisted_decoding_equals_plain_greedy(assistant_kind, assisted_runs, pl
         known_transformers_bug(True, run)
     if isinstance(run, str):
         pytest.skip(f"{assistant_kind} assistant: {run}")
-    drafted, accepted = gen.drafted_tokens(run), run.accepted_draft_tokens
+    drafted, accepted = speculative.drafted_tokens(run), run.accepted_draft_tokens
     assert 0 <= accepted <= drafted, f"{run.label}: {accepted} accepted of {drafted} drafted cannot be"
     agrees(plain_greedy, run, f"assisted decoding ({assistant_kind}) vs greedy",
            drafted=drafted, accepted=accepted, target_forward_calls=run.target_forward_calls)
@@ -75,7 +76,7 @@ def test_assistants_really_differ_from_the_target(assisted_runs, record_result, 
     bugs = [run for run in assisted_runs.values() if isinstance(run, KnownBug)]
     if len(bugs) == len(assisted_runs):
         known_transformers_bug(True, bugs[0])
-    rejected = {kind: gen.drafted_tokens(run) - run.accepted_draft_tokens
+    rejected = {kind: speculative.drafted_tokens(run) - run.accepted_draft_tokens
                 for kind, run in assisted_runs.items() if not isinstance(run, str)}
     for kind, n in rejected.items():
         record_result("assisted decoding", "rejected draft tokens", n, where=kind)
@@ -86,7 +87,7 @@ def test_assistants_really_differ_from_the_target(assisted_runs, record_result, 
 def test_prompt_lookup_decoding_equals_plain_greedy(reference_model, model_spec, tokenizer, device, pad, agrees, record_result):
     inputs = gen.chat_inputs(tokenizer, gen.lookup_prompt(), device)
     reference = gen.greedy(reference_model, inputs, label="plain greedy", pad_token_id=pad)
-    run = gen.prompt_lookup_run(reference_model, inputs, pad_token_id=pad)
+    run = speculative.prompt_lookup_run(reference_model, inputs, pad_token_id=pad)
     agrees(reference, run, "prompt lookup vs greedy", accepted=run.accepted_draft_tokens,
            target_forward_calls=run.target_forward_calls)
     exercised = run.accepted_draft_tokens > 0

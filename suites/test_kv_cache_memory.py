@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from harness import generation as gen
+from harness.backends import cache as caches
 from harness import kv_cache
 from harness.presets import build_preset
 
@@ -23,7 +24,7 @@ def _filled_cache(model, tokenizer, cache_name, run_config):
     prompts = [gen.prompt_for_seed(run_config.seed, offset=i) for i in range(BATCH)]
     inputs = gen.batch_inputs(tokenizer, prompts, model.device)
     max_cache_len = inputs["input_ids"].shape[1] + MEMORY_NEW_TOKENS
-    cache = gen.get_cache_type(cache_name).build(model, max_cache_len)
+    cache = caches.get_cache_type(cache_name).build(model, max_cache_len)
     gen.generate_greedy(model, inputs, label=cache_name, pad_token_id=gen.pad_id(tokenizer), new_tokens=MEMORY_NEW_TOKENS,
                         disable_compile=True, **{gen.cache_kwarg(): cache})
     return cache, max_cache_len - 1, max_cache_len  # the last token is generated, never fed back
@@ -36,12 +37,12 @@ def _expected_tokens_per_layer(model, cache_name, fed_tokens, max_cache_len):
     length = fed_tokens if cache_name != "static" else max_cache_len
     sliding = cache_name != "dynamic"  # DynamicCache() without a config keeps full layers
     return [min(length, window) if sliding and kind == "sliding_attention" else length
-            for kind in gen.layer_types(model)]
+            for kind in caches.layer_types(model)]
 
 
 @pytest.mark.parametrize("cache_name", ["dynamic", "sliding-window", "static"])
 def test_measured_cache_bytes_equal_formula(cache_name, reference_model, tokenizer, device, run_config, record_result):
-    kind = gen.get_cache_type(cache_name)
+    kind = caches.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
     if reason:
         pytest.skip(f"{cache_name}: {reason}")

@@ -16,6 +16,7 @@ tiny Llama); one that does not run here skips with the exception it raised.
 import pytest
 
 from harness import generation as gen
+from harness.backends import cache as caches
 from harness import serving
 from harness import serving_memory as mem
 from harness import serving_speed as speed
@@ -200,7 +201,7 @@ def test_cancelled_request_does_not_change_the_others(impl, served_model, servin
 def test_paged_cache_blocks_and_bytes_match_the_config(impl, served_model, served_together, serving_prompts,
                                                        serving_settings, record_result):
     model = served_model(impl)
-    if len(set(gen.layer_types(model))) > 1:
+    if len(set(caches.layer_types(model))) > 1:
         pytest.skip("hybrid attention: transformers pages each layer type separately (5.24 sizes sectors per group, "
                     "5.17 groups layers by their gcd), so one block is not every layer's slots")
     results, seen = served_together(model, impl)
@@ -228,7 +229,7 @@ def test_paged_cache_blocks_and_bytes_match_the_config(impl, served_model, serve
                          f"predicted {expected}")
     block = mem.block_bytes(config, seen.block_size, element)
     paged = seen.peak_distinct_blocks * block
-    static = mem.static_cache_bytes(config, gen.layer_types(model), [len(p) for p in serving_prompts.values()], n,
+    static = mem.static_cache_bytes(config, caches.layer_types(model), [len(p) for p in serving_prompts.values()], n,
                                     element)
     record_result("paged kv cache", "peak bytes of the batch (paged)", paged, threshold=needed * block,
                   passed=not wrong and seen.peak_distinct_blocks <= needed, attn=impl,
