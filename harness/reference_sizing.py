@@ -95,10 +95,10 @@ class ComparisonShape:
 
 
 def comparison_shape(config, dtype, reference_dtype, batch: int = 1, kv_cache: bool = False) -> ComparisonShape:
-    """ComparisonShape from a transformers config, through harness.memory's predictions.
+    """ComparisonShape from a transformers config, through harness.predictions.
     ``kv_cache``: the forwards' outputs keep their KV cache (transformers' default use_cache)."""
-    from harness.memory import attention_shape, parameter_counts, predict_eager_attention_peak_bytes, \
-        predict_kv_cache_bytes, predict_weight_bytes
+    from harness.predictions import (attention_shape, parameter_counts, predict_eager_attention_peak_bytes,
+                                     predict_kv_cache_bytes, predict_weight_bytes)
 
     counts = parameter_counts(config)
     shape = attention_shape(config)

@@ -18,7 +18,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
-from harness import kv_cache
+from harness import predictions
 
 # transformers' read-trash and write-trash blocks: 5.17 adds 2 blocks; 5.24 2 sectors, a sector being
 # lcm(block bytes, 128) bytes, i.e. one block whenever a block's bytes are a multiple of 128 (every
@@ -110,7 +110,7 @@ def observe_paged_cache(model):
 
 def predicted_storage_bytes(config, num_blocks: int, block_tokens: int, bytes_per_element: int) -> int:
     """The formula for a paged cache of `num_blocks` blocks (plus the reserved ones)."""
-    return kv_cache.kv_cache_bytes(kv_cache.kv_shape(config), block_tokens * (num_blocks + RESERVED_BLOCKS), 1,
+    return predictions.kv_cache_bytes(predictions.attention_shape(config), block_tokens * (num_blocks + RESERVED_BLOCKS), 1,
                                    bytes_per_element)
 
 
@@ -121,7 +121,7 @@ def predicted_blocks(held_tokens: int, block_tokens: int, window: int | None) ->
 
 def block_bytes(config, block_tokens: int, bytes_per_element: int) -> int:
     """One block: block_tokens slots of every layer."""
-    return kv_cache.kv_cache_bytes(kv_cache.kv_shape(config), block_tokens, 1, bytes_per_element)
+    return predictions.kv_cache_bytes(predictions.attention_shape(config), block_tokens, 1, bytes_per_element)
 
 
 def static_cache_bytes(config, layer_types: list[str], prompt_lengths: list[int], new_tokens: int,
@@ -131,5 +131,5 @@ def static_cache_bytes(config, layer_types: list[str], prompt_lengths: list[int]
     length = max(prompt_lengths) + new_tokens
     window = getattr(config.get_text_config(decoder=True), "sliding_window", None)
     lengths = [min(length, window) if window and kind == "sliding_attention" else length for kind in layer_types]
-    return kv_cache.kv_cache_bytes(kv_cache.kv_shape(config), length, len(prompt_lengths), bytes_per_element,
+    return predictions.kv_cache_bytes(predictions.attention_shape(config), length, len(prompt_lengths), bytes_per_element,
                                    layer_lengths=lengths)

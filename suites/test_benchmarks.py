@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from harness.capabilities import dtype_name
-from harness.memory import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
+from harness.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
 from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
                             percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)

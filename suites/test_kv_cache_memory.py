@@ -11,7 +11,7 @@ import torch
 
 from harness import generation as gen
 from harness.backends import cache as caches
-from harness import kv_cache
+from harness import kv_cache, predictions
 from harness.presets import build_preset
 
 BATCH = 2  # > 1 so a formula that forgets the batch factor fails
@@ -47,10 +47,10 @@ def test_measured_cache_bytes_equal_formula(cache_name, reference_model, tokeniz
     if reason:
         pytest.skip(f"{cache_name}: {reason}")
     cache, fed_tokens, max_cache_len = _filled_cache(reference_model, tokenizer, cache_name, run_config)
-    shape = kv_cache.kv_shape(reference_model.config)
+    shape = predictions.attention_shape(reference_model.config)
     lengths = _expected_tokens_per_layer(reference_model, cache_name, fed_tokens, max_cache_len)
     element = reference_model.dtype.itemsize
-    predicted = kv_cache.kv_cache_bytes(shape, fed_tokens, BATCH, element, layer_lengths=lengths)
+    predicted = predictions.kv_cache_bytes(shape, fed_tokens, BATCH, element, layer_lengths=lengths)
     measured = kv_cache.measured_cache_bytes(cache)
     record_result("kv cache bytes", f"{cache_name}: measured bytes", measured, threshold=predicted,
                   passed=measured == predicted, where=f"batch {BATCH}, {lengths[0]} tokens/layer",
@@ -61,12 +61,12 @@ def test_measured_cache_bytes_equal_formula(cache_name, reference_model, tokeniz
 
 
 def test_model_reports_its_grouped_query_saving(reference_model, record_result):
-    shape = kv_cache.kv_shape(reference_model.config)
-    per_token = kv_cache.kv_cache_bytes(shape, 1, 1, reference_model.dtype.itemsize)
-    mha = kv_cache.kv_cache_bytes(kv_cache.mha_equivalent(shape), 1, 1, reference_model.dtype.itemsize)
-    record_result("kv cache bytes", "bytes per token (batch 1)", per_token, where=f"{shape.kv_heads} of {shape.attention_heads} heads",
+    shape = predictions.attention_shape(reference_model.config)
+    per_token = predictions.kv_cache_bytes(shape, 1, 1, reference_model.dtype.itemsize)
+    mha = predictions.kv_cache_bytes(predictions.mha_equivalent(shape), 1, 1, reference_model.dtype.itemsize)
+    record_result("kv cache bytes", "bytes per token (batch 1)", per_token, where=f"{shape.kv_heads} of {shape.heads} heads",
                   mha_bytes_per_token=mha, saving=round(1 - per_token / mha, 4))
-    assert per_token * shape.attention_heads == mha * shape.kv_heads
+    assert per_token * shape.heads == mha * shape.kv_heads
 
 
 @pytest.mark.parametrize("grouped, mha, expected_ratio", [

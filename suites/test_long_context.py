@@ -425,7 +425,8 @@ def test_long_prompt_fits_budget_with_fused_attention_but_not_with_eager(model_s
     import torch
 
     from harness.config import format_bytes
-    from harness.memory import attention_shape, measure_peak, predict_eager_attention_peak_bytes, release_device_memory
+    from harness.memory import measure_peak, release_device_memory
+    from harness.predictions import attention_shape, predict_eager_attention_peak_bytes
 
     peaks = {}
     for impl in (long_context_attn, "eager"):

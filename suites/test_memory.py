@@ -17,9 +17,11 @@ import pytest
 import torch
 
 from harness.capabilities import dtype_name
-from harness.memory import (MODEL_STORAGE_METHOD, SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth, is_out_of_memory,
-                            kv_bytes_per_token, measure_peak, model_storage_bytes, parameter_counts, predict_eager_attention_peak_bytes,
-                            predict_kv_cache_bytes, predict_weight_bytes, release_device_memory)
+from harness.memory import (MODEL_STORAGE_METHOD, is_out_of_memory, measure_peak, model_storage_bytes,
+                            release_device_memory)
+from harness.predictions import (SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth,
+                                 kv_bytes_per_token, parameter_counts, predict_eager_attention_peak_bytes,
+                                 predict_kv_cache_bytes, predict_weight_bytes)
 from harness.models import load_model
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
 from harness.timing import prefill_flops

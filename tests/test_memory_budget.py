@@ -12,8 +12,9 @@ from harness.config import format_bytes
 import pytest
 import torch
 
-from harness.memory import (AttentionShape, MemoryBudgetExceeded, _proc_rss, attention_shape, measure_peak,
-                            parameter_counts, predict_kv_cache_bytes, predict_weight_bytes)
+from harness.memory import MemoryBudgetExceeded, _proc_rss, measure_peak
+from harness.predictions import (AttentionShape, attention_shape, parameter_counts, predict_kv_cache_bytes,
+                                 predict_weight_bytes)
 
 MiB = 2**20
 

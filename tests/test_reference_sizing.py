@@ -107,7 +107,7 @@ def test_the_cpu_is_not_sized():
 
 
 def test_prediction_from_a_config_uses_the_harness_memory_predictions():
-    from harness.memory import parameter_counts, predict_weight_bytes
+    from harness.predictions import parameter_counts, predict_weight_bytes
     from harness.presets import get_preset
 
     config = get_preset("random:llama-7b").make_config()

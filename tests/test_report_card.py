@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.reporting import text as report_text
-from harness.memory import SCALING_CHECK
+from harness.predictions import SCALING_CHECK
 from harness.reporting.report import MD_LIMIT_BYTES, main, render_markdown, render_run
 from harness.reporting.html_view import render_html
 from harness.reporting.triage import classify

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter, OrderedDict, defaultdict
 
-from harness.memory import SCALING_CHECK
+from harness.predictions import SCALING_CHECK
 from harness.reporting.elements import Cell, Fold, Limits, Section, Table, cap_rows, noise_cell, params_of, parse_md_table, threshold_text, value_text, verdict_cell, where_text
 from harness.reporting.text import (NOISE_LIMIT, clean_reason, fmt_int, fmt_ms, is_number, one_line, shorten,
                                     strip_paths)
