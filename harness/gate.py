@@ -91,7 +91,7 @@ def resolve_jobs(opts, extra: list[str]) -> tuple[int, str]:
     """(processes for the side-by-side phase, why that many)."""
     if opts.jobs != "auto":
         return max(1, int(opts.jobs)), "--jobs"
-    if any(a in ("-m", "-n", "--shard-claims") or a.startswith(("-m=", "--shard-claims=")) for a in extra):
+    if any(a in ("-m", "-n", "--shard") or a.startswith(("-m=", "--shard=")) for a in extra):
         return 1, "the extra pytest arguments choose the selection"
     if opts.memory_budget:
         return 1, "a memory budget is checked with NVML, which reads the whole device"
@@ -119,7 +119,7 @@ def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[
 
     processes = []
     for k in range(1, jobs + 1):
-        selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard-claims", str(parts_root / "claims")]
+        selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard", f"{k}/{jobs}"]
         cmd, env = build_command(opts, extra + selection, str(parts_root / f"shard{k}"))
         processes.append(Process(f"shard {k}/{jobs}", selection, cmd, {**env, SHARED_DEVICE_VARIABLE: "1"},
                                  parts_root / f"shard{k}"))
@@ -223,13 +223,16 @@ def _run_processes(processes: list[Process], parts_root: Path) -> None:
     """Start every process at once (the exclusive one imports and collects, then waits for the
     shards: harness.sharding.wait_for_start); when the shards are done, let it run; print each
     one's summary line and failures as it ends."""
-    from harness.sharding import START_AFTER_VARIABLE
+    from harness.sharding import HISTORY_VARIABLE, START_AFTER_VARIABLE
 
     flag = parts_root / "shards-done"
+    history = Path(processes[0].report_dir).parent.parent / "latest" / "results.json"
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(processes) - 1)))
     running = []
     for process in processes:
         env = dict(process.env)
+        if history.is_file():  # the shards split by the previous run's durations (harness.sharding)
+            env.setdefault(HISTORY_VARIABLE, str(history.resolve()))
         if process is processes[-1]:
             env[START_AFTER_VARIABLE] = str(flag)
         else:

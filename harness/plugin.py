@@ -42,9 +42,9 @@ def pytest_addoption(parser):
     group.addoption("--allow-remote-code", action="store_true", help="allow models that ship their own Python code")
     group.addoption("--allow-pickle", action="store_true", help="allow pickle (.bin/.pt) checkpoints")
     group.addoption("--run-slow", action="store_true", help="also run tests marked slow (the full profile)")
-    group.addoption("--shard-claims", default=None, metavar="DIR",
-                    help="share the run with the other processes given the same DIR: each test function's "
-                         "items run in whichever process claims them first (harness.gate's side-by-side phase)")
+    group.addoption("--shard", default=None, metavar="K/N",
+                    help="run only the K-th of N parts of the collected tests (whole test functions; "
+                         "harness.gate runs N such processes side by side)")
 
 
 def _run_config(config) -> RunConfig:
@@ -206,6 +206,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"needs a CUDA device; this run is on {state.device}"))
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
+    if config.getoption("--shard"):
+        _keep_shard(config, items)
+
+
+def _keep_shard(config, items) -> None:
+    import os
+
+    from harness.sharding import HISTORY_VARIABLE, assign_shards, history_weights, parse_shard
+
+    try:
+        shard = parse_shard(config.getoption("--shard"))
+    except HarnessUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    nodeids = [item.nodeid for item in items]
+    weights = history_weights(nodeids, [item.get_closest_marker("skip") is not None for item in items],
+                              os.environ.get(HISTORY_VARIABLE))
+    owner = assign_shards(nodeids, shard.count, weights)
+    keep = [item for item, index in zip(items, owner) if index == shard.index - 1]
+    dropped = [item for item, index in zip(items, owner) if index != shard.index - 1]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
 
 
 def _group_items_by_model(items, specs) -> None:
@@ -224,24 +246,11 @@ def _group_items_by_model(items, specs) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    """A process the gate starts beside its shards waits for them before its first test; a shard
-    (--shard-claims) runs only the test functions it claims (harness.sharding)."""
-    from harness.sharding import claimed_run, file_claim, wait_for_start
+    """A process the gate starts beside its shards waits for them before its first test."""
+    from harness.sharding import wait_for_start
 
     if session.testscollected and not wait_for_start():
         raise session.Interrupted("harness: the gate that started this process is gone; no test was run")
-    claims = session.config.getoption("--shard-claims")
-    if not claims or session.testsfailed or session.config.option.collectonly:
-        return None  # pytest's own loop (which also reports collection errors)
-    items = session.items
-    for position, following in claimed_run([item.nodeid for item in items], file_claim(Path(claims))):
-        items[position].config.hook.pytest_runtest_protocol(
-            item=items[position], nextitem=items[following] if following is not None else None)
-        if session.shouldfail:
-            raise session.Failed(session.shouldfail)
-        if session.shouldstop:
-            raise session.Interrupted(session.shouldstop)
-    return True
 
 
 def pytest_runtest_setup(item):

@@ -4,16 +4,16 @@ A 135M-parameter model leaves an H200 idle most of the time: the gate's tests ar
 (generate()'s per-token loop, tracing, compiling), not by the GPU. So the gate runs its tests in
 two phases:
 
-1. every test that does not measure the device runs in ``jobs`` pytest processes at once; each
-   process collects the whole run and takes work from it as it goes: before running a group of
-   items (consecutive items of one test function: its parametrisations for one model, so session
-   fixtures and compiled kernels are built once per group) it claims the group by creating a file
-   in a directory every process shares (``--shard-claims DIR``). A process that finishes early
-   takes more, so no durations need to be known in advance (a cold runner compiles for minutes in
-   one test and milliseconds in the next);
+1. every test that does not measure the device runs in ``jobs`` pytest processes at once, each
+   taking one shard (``--shard K/N``) of the collected tests;
 2. the tests marked ``exclusive`` (they time the device or read its memory: benchmarks, serving
-   speed, the memory suites) run afterwards in one process, alone on the device. That process
-   starts with the shards (imports, collection) and waits for ``START_AFTER_VARIABLE``'s file.
+   speed, the memory suites) run afterwards in one process, alone on the device.
+
+A shard is whole test functions (every parametrisation of one function in one process, so session
+fixtures and compiled kernels are built once per function), spread by weight, largest first, onto
+the lightest shard: deterministic, so a rerun gives the same split. An item's weight is its
+duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), else 1;
+an item already marked to skip weighs nothing.
 
 While shards share the device, a memory meter cannot use NVML's device-wide reading (it would
 count the other shards' memory); ``SHARED_DEVICE_VARIABLE`` tells it so, and it keeps the
@@ -22,15 +22,41 @@ allocator's per-process peaks.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
+import re
+import statistics
 import time
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+
+from harness.errors import HarnessUsageError
 
 SHARED_DEVICE_VARIABLE = "HARNESS_SHARED_DEVICE"
+# A results.json of an earlier run: its test durations weigh the shards (a warm runner's split is
+# balanced by time; without it, by item count)
+HISTORY_VARIABLE = "HARNESS_SHARD_HISTORY"
+# The exclusive process starts with the shards (imports, collection) and waits for this file
+# before its first test
 START_AFTER_VARIABLE = "HARNESS_START_AFTER"
 EXCLUSIVE_MARKER = "exclusive"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 1-based, as written on the command line
+    count: int
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def parse_shard(text: str) -> Shard:
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise HarnessUsageError(f"--shard expects K/N with 1 <= K <= N (e.g. 2/4), got {text!r}")
+    return Shard(int(match.group(1)), int(match.group(2)))
 
 
 def function_key(nodeid: str) -> str:
@@ -38,61 +64,42 @@ def function_key(nodeid: str) -> str:
     return nodeid.split("[", 1)[0]
 
 
-def item_groups(nodeids: list[str]) -> list[list[int]]:
-    """Runs of consecutive positions whose items belong to one test function."""
-    groups: list[list[int]] = []
+def assign_shards(nodeids: list[str], count: int, weights: list[float] | None = None) -> list[int]:
+    """For each node id, the 0-based shard that runs it: whole functions, heaviest first, each onto
+    the lightest shard so far (ties: the lowest index). Weights default to 1 per item."""
+    weights = [1.0] * len(nodeids) if weights is None else weights
+    groups: dict[str, list[int]] = defaultdict(list)
     for position, nodeid in enumerate(nodeids):
-        if groups and function_key(nodeids[groups[-1][-1]]) == function_key(nodeid):
-            groups[-1].append(position)
-        else:
-            groups.append([position])
-    return groups
-
-
-def file_claim(directory: Path) -> Callable[[str], bool]:
-    """claim(key) -> True for exactly one of the processes sharing `directory` (an exclusive create)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
-    def claim(key: str) -> bool:
-        path = directory / hashlib.sha1(key.encode()).hexdigest()
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {key}\n")
-        return True
-
-    return claim
-
-
-def claimed_run(nodeids: list[str], claim: Callable[[str], bool]) -> Iterator[tuple[int, int | None]]:
-    """(position to run, position this process runs next or None) over the groups this process
-    claims, in collection order. The group after the current one is claimed before the current
-    one's last item runs, because pytest tears fixtures down by the next item."""
-    pending = iter(item_groups(nodeids))
-
-    def next_group() -> list[int] | None:
-        for group in pending:
-            if claim(f"{group[0]}:{nodeids[group[0]]}"):
-                return group
-        return None
-
-    current = next_group()
-    while current:
-        following = None
-        for j, position in enumerate(current):
-            if j + 1 < len(current):
-                yield position, current[j + 1]
-            else:
-                following = next_group()
-                yield position, following[0] if following else None
-        current = following
+        groups[function_key(nodeid)].append(position)
+    weight = {key: sum(weights[p] for p in positions) for key, positions in groups.items()}
+    loads = [0.0] * count
+    shard_of = [0] * len(nodeids)
+    for key in sorted(groups, key=lambda k: (-weight[k], groups[k][0])):
+        target = min(range(count), key=lambda i: (loads[i], i))
+        loads[target] += weight[key]
+        for position in groups[key]:
+            shard_of[position] = target
+    return shard_of
 
 
 def device_is_shared(environ=None) -> bool:
     return bool((environ if environ is not None else os.environ).get(SHARED_DEVICE_VARIABLE))
+
+
+def history_weights(nodeids: list[str], skipped: list[bool], history_path: str | None) -> list[float]:
+    """Weights for assign_shards: earlier durations (call phase, seconds) where known, the median
+    known duration for new items, 1 each without history; 0 for items marked to skip."""
+    durations: dict[str, float] = {}
+    if history_path:
+        try:
+            rows = json.loads(Path(history_path).read_text()).get("outcomes", [])
+            durations = {row["nodeid"]: float(row["duration_s"]) for row in rows
+                         if row.get("when") == "call" and "duration_s" in row}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            durations = {}  # a missing or foreign file: split by item count
+    known = [durations[n] for n in nodeids if n in durations]
+    default = statistics.median(known) if known else 1.0
+    return [0.0 if skip else durations.get(nodeid, default) for nodeid, skip in zip(nodeids, skipped)]
 
 
 def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:

@@ -1,58 +1,42 @@
 """The gate's side-by-side run (harness.sharding, harness.reporting.merge): every test in exactly one
 shard, whole functions together, and one report from several processes."""
 
+import json
 import xml.etree.ElementTree as ET
 
 import pytest
 
+from harness.errors import HarnessUsageError
 from harness.reporting.merge import merge_junit, merge_suite_times, merged_exit_status
-from harness.sharding import claimed_run, file_claim, item_groups
+from harness.sharding import assign_shards, parse_shard
 
 NODEIDS = [f"suites/test_a.py::test_big[{i}]" for i in range(6)] + [
     "suites/test_a.py::test_one", "suites/test_b.py::test_two[x]", "suites/test_b.py::test_two[y]",
-    "suites/test_b.py::test_three", "suites/test_a.py::test_big[other-model]"]
+    "suites/test_b.py::test_three"]
 
 
-def test_groups_are_runs_of_one_function():
-    assert item_groups(NODEIDS) == [[0, 1, 2, 3, 4, 5], [6], [7, 8], [9], [10]]
+@pytest.mark.parametrize("text", ["0/2", "3/2", "1-2", "", "a/b"])
+def test_bad_shard_is_a_usage_error(text):
+    with pytest.raises(HarnessUsageError, match="--shard expects K/N"):
+        parse_shard(text)
 
 
-@pytest.mark.parametrize("pattern", ["abab", "aabb", "abba", "aaaa", "baaa"])
-def test_processes_taking_turns_run_every_item_once_and_know_their_next_item(pattern):
-    """Two processes claim from one shared set, taking turns in `pattern` (repeated): together they
-    run every item exactly once, and each announces as its next item the one it then runs."""
-    taken = set()
-
-    def claim(key):
-        if key in taken:
-            return False
-        taken.add(key)
-        return True
-
-    runs = {"a": claimed_run(NODEIDS, claim), "b": claimed_run(NODEIDS, claim)}
-    ran = {"a": [], "b": []}
-    announced = {"a": [], "b": []}
-    step = 0
-    while runs:
-        who = pattern[step % len(pattern)]
-        step += 1
-        if who not in runs:
-            who = next(iter(runs))
-        try:
-            position, following = next(runs[who])
-        except StopIteration:
-            del runs[who]
-            continue
-        ran[who].append(position)
-        announced[who].append(following)
-    assert sorted(ran["a"] + ran["b"]) == list(range(len(NODEIDS)))
-    for who in "ab":
-        assert announced[who] == (ran[who][1:] + [None] if ran[who] else [])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 20])
+def test_every_item_in_one_shard_and_each_function_whole(count):
+    owner = assign_shards(NODEIDS, count)
+    assert len(owner) == len(NODEIDS) and all(0 <= o < count for o in owner)
+    by_function = {}
+    for nodeid, shard in zip(NODEIDS, owner):
+        by_function.setdefault(nodeid.split("[")[0], set()).add(shard)
+    assert all(len(shards) == 1 for shards in by_function.values())
 
 
-def test_claims_are_exclusive_between_processes(tmp_path):
-    first, second = file_claim(tmp_path / "claims"), file_claim(tmp_path / "claims")
-    assert first("0:x") and not second("0:x") and second("1:y") and not first("1:y")
+def test_shards_are_balanced_by_weight():
+    owner = assign_shards(NODEIDS, 2)
+    loads = [owner.count(0), owner.count(1)]
+    assert loads == [6, 4]  # the 6-item function alone; the four single functions together
+    skipped_big = assign_shards(NODEIDS, 2, weights=[0.0] * 6 + [1.0] * 4)
+    assert skipped_big[6:].count(0) == 2 and skipped_big[6:].count(1) == 2  # items that will skip weigh nothing
 
 
 def test_merged_status_ignores_empty_shards():
@@ -83,6 +67,7 @@ def test_junit_files_merge_into_one_suite(tmp_path):
 
 
 SHARDED_SUITE = '''
+import os
 import pytest
 
 @pytest.mark.parametrize("i", range(3))
@@ -91,26 +76,24 @@ def test_many(i):
 
 def test_single():
     pass
+
+def test_device_shared(record_result):
+    record_result("env", "shared", os.environ.get("HARNESS_SHARED_DEVICE", ""))
 '''
 
 
-def test_a_process_runs_only_what_it_claims(pytester, tmp_path):
-    """A process sharing the claims directory with one that has taken every group runs nothing;
-    a group whose claim is released is run by the next process, and only that group."""
+def test_shards_of_a_run_cover_it_exactly_once(pytester):
     pytester.makepyfile(test_demo=SHARDED_SUITE)
-    claims = tmp_path / "claims"
-    args = ["-p", "harness.plugin", "-p", "no:cacheprovider", "--device", "cpu", "--shard-claims", str(claims), "-v",
-            "--rootdir", str(pytester.path)]  # node ids, so claim keys, are relative to it
-
-    def passed(result):
-        return [line.split(" ")[0].split("::")[-1] for line in result.outlines if " PASSED" in line]
-
-    assert passed(pytester.runpytest_inprocess(*args)) == ["test_many[0]", "test_many[1]", "test_many[2]", "test_single"]
-    assert passed(pytester.runpytest_inprocess(*args)) == []
-    single = [p for p in claims.iterdir() if p.read_text().rstrip().endswith("test_single")]
-    assert len(single) == 1 and len(list(claims.iterdir())) == 2  # one claim per group
-    single[0].unlink()
-    assert passed(pytester.runpytest_inprocess(*args)) == ["test_single"]
+    ran = []
+    for k in (1, 2, 3):
+        result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                              "--device", "cpu", "--shard", f"{k}/3", "-v")
+        ran += [line.split(" ")[0] for line in result.outlines if " PASSED" in line]
+    assert sorted(ran) == sorted(["test_demo.py::test_many[0]", "test_demo.py::test_many[1]", "test_demo.py::test_many[2]",
+                                  "test_demo.py::test_single", "test_demo.py::test_device_shared"])
+    bad = pytester.runpytest_inprocess("-p", "harness.plugin", "--device", "cpu", "--shard", "4/3")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "--shard expects K/N" in bad.stderr.str()
 
 
 def test_memory_meter_does_not_read_nvml_on_a_shared_device(monkeypatch):
@@ -121,6 +104,19 @@ def test_memory_meter_does_not_read_nvml_on_a_shared_device(monkeypatch):
     monkeypatch.setenv("HARNESS_SHARED_DEVICE", "1")
     meter = memory._CudaMeter("cuda:0")
     assert meter.nvml is None and "NVML not read: other processes share the device" in meter.result.method
+
+
+def test_an_earlier_run_weighs_the_shards_by_time(tmp_path):
+    from harness.sharding import history_weights
+
+    history = tmp_path / "results.json"
+    history.write_text(json.dumps({"outcomes": [
+        {"nodeid": "a", "when": "call", "duration_s": 40.0}, {"nodeid": "b", "when": "call", "duration_s": 2.0},
+        {"nodeid": "c", "when": "setup", "duration_s": 9.0}, {"nodeid": "d", "when": "call", "duration_s": 4.0}]}))
+    weights = history_weights(["a", "b", "c", "e"], [False, False, False, True], str(history))
+    assert weights == [40.0, 2.0, 21.0, 0.0]  # c: no call duration, so the median of a and b; e: marked to skip
+    assert history_weights(["a", "b"], [False, False], str(tmp_path / "missing.json")) == [1.0, 1.0]
+    assert assign_shards(["x::big", "y::s1", "y::s2"], 2, [40.0, 2.0, 4.0]) == [0, 1, 1]
 
 
 def test_waiting_process_starts_when_the_flag_appears(tmp_path):
