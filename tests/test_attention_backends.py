@@ -21,7 +21,7 @@ def test_each_backend_knows_its_transformers_name_and_context():
     assert registry.model_attention("flash_attention_2")[0] == "flash_attention_2"
     with registry.model_attention("sdpa_math")[1]():
         pass
-    with pytest.raises(Exception, match="no model-level attention for 'nope'"):
+    with pytest.raises(Exception, match="unknown attention backend 'nope'; known: eager, sdpa_math"):
         registry.model_attention("nope")
 
 
@@ -37,7 +37,7 @@ def test_cuda_limits_and_dtypes_come_from_the_record():
 
 def test_a_new_backend_is_one_register_call(monkeypatch):
     """What adding a backend takes: one record; the suites' parametrisation and the matrix follow."""
-    monkeypatch.setattr(registry, "ATTENTION_BACKENDS", dict(registry.ATTENTION_BACKENDS))
+    monkeypatch.setattr(registry, "ATTENTION_BACKENDS", registry.ATTENTION_BACKENDS.copy())
     registry.register(registry.AttentionBackend(
         "eager_copy", KernelImpl("eager_copy", eager_attention), "eager", lambda device, dtype: (True, "test double"),
         context=contextlib.nullcontext))

@@ -25,7 +25,7 @@ def test_weight_bytes_follow_the_record():
 
 
 def test_a_new_scheme_is_one_register_call(monkeypatch):
-    monkeypatch.setattr(schemes, "SCHEMES", dict(schemes.SCHEMES))
+    monkeypatch.setattr(schemes, "SCHEMES", schemes.SCHEMES.copy())
     schemes.register(schemes.QuantScheme("int4-test", 4, "fp4", capability="bnb_fp4"))
     assert "int4-test" in schemes.measured_schemes()
     assert predict_weight_bytes(COUNTS, torch.float32, "int4-test").bytes == predict_weight_bytes(

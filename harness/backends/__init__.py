@@ -10,3 +10,33 @@ suites' parametrisation, the benchmarks and the report.
 Adding a backend is one ``register(...)`` call in its registry module (plus its own test); no
 suite file changes.
 """
+
+from __future__ import annotations
+
+
+from harness.errors import HarnessUsageError
+
+
+class Registry(dict):
+    """Records by name, in registration order; ``what`` names them in errors ("attention backend")."""
+
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def register(self, record):
+        if record.name in self:
+            raise ValueError(f"{self.what} {record.name!r} registered twice")
+        self[record.name] = record
+        return record
+
+    def copy(self) -> "Registry":
+        new = Registry(self.what)
+        new.update(self)
+        return new
+
+    def get_record(self, name: str):
+        """The record, or a one-line usage error listing the known names."""
+        if name not in self:
+            raise HarnessUsageError(f"unknown {self.what} {name!r}; known: {', '.join(self)}")
+        return self[name]

@@ -22,7 +22,7 @@ from typing import Callable
 
 from harness.attention import KernelImpl, eager_attention, flash_attn_package_impl, flex_attention_impl, sdpa_attention
 from harness.capabilities import Capability, dtype_name, try_probe
-from harness.errors import HarnessUsageError
+from harness.backends import Registry
 
 Probe = Callable[[object, object], tuple[bool, str]]  # (device, dtype) -> (runs here, what was found or why not)
 
@@ -51,14 +51,11 @@ class AttentionBackend:
         return dataclasses.replace(self.kernel, **self.cuda_limits) if self.cuda_limits else self.kernel
 
 
-ATTENTION_BACKENDS: dict[str, AttentionBackend] = {}
+ATTENTION_BACKENDS: Registry = Registry("attention backend")
 
 
 def register(backend: AttentionBackend) -> AttentionBackend:
-    if backend.name in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {backend.name!r} registered twice")
-    ATTENTION_BACKENDS[backend.name] = backend
-    return backend
+    return ATTENTION_BACKENDS.register(backend)
 
 
 def fused_backends() -> list[str]:
@@ -68,9 +65,7 @@ def fused_backends() -> list[str]:
 
 def model_attention(name: str) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
     """(attn_implementation for from_pretrained / model_factory, context manager to run the forward in)."""
-    if name not in ATTENTION_BACKENDS:
-        raise HarnessUsageError(f"no model-level attention for {name!r}; known: {', '.join(ATTENTION_BACKENDS)}")
-    backend = ATTENTION_BACKENDS[name]
+    backend = ATTENTION_BACKENDS.get_record(name)
     return backend.attn_implementation, backend.context
 
 

@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness.errors import HarnessUsageError
+from harness.backends import Registry
 from harness.generation import GreedyRun, cache_kwarg, greedy, new_tokens_default
 
 
@@ -135,7 +135,8 @@ def _quantized_needs(backend: str):
     return check
 
 
-CACHE_TYPES: dict[str, CacheType] = {c.name: c for c in [
+CACHE_TYPES: Registry = Registry("cache type")
+for _cache_type in [
     CacheType("dynamic", "DynamicCache without a config: full-length layers, grows by concatenation", _dynamic),
     CacheType("sliding-window", "DynamicCache(config): sliding-window layers keep only the window",
               _dynamic_with_config, _needs_sliding),
@@ -148,14 +149,12 @@ CACHE_TYPES: dict[str, CacheType] = {c.name: c for c in [
     CacheType("quantized-quanto", "QuantizedCache, quanto int4 backend", _quantized("quanto"), _quantized_needs("quanto"), lossy=True),
     CacheType("quantized-hqq", "QuantizedCache, HQQ int4 backend", _quantized("hqq"), _quantized_needs("hqq"), lossy=True),
     CacheType("quantized-fp8", "QuantizedCache, fp8 e4m3 per-tensor backend", _quantized("fp8"), _quantized_needs("fp8"), lossy=True),
-]}
+]:
+    CACHE_TYPES.register(_cache_type)
 
 
 def get_cache_type(name: str) -> CacheType:
-    try:
-        return CACHE_TYPES[name]
-    except KeyError:
-        raise HarnessUsageError(f"unknown cache type {name!r}; known: {', '.join(CACHE_TYPES)}") from None
+    return CACHE_TYPES.get_record(name)
 
 
 def cached_run(model, inputs, cache_type: CacheType | str, *, pad_token_id: int, new_tokens: int | None = None,

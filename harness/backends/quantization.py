@@ -15,7 +15,7 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
-from harness.errors import HarnessUsageError
+from harness.backends import Registry
 
 DOUBLE_QUANT_BLOCKS = 256  # bitsandbytes stores 4-bit absmax in 8 bits, one fp32 scale per 256 blocks
 
@@ -56,20 +56,15 @@ class QuantScheme:
         return blocks + math.ceil(blocks / DOUBLE_QUANT_BLOCKS) * 4 if self.double_quant else blocks * 4
 
 
-SCHEMES: dict[str, QuantScheme] = {}
+SCHEMES: Registry = Registry("quantization scheme")
 
 
 def register(scheme: QuantScheme) -> QuantScheme:
-    if scheme.name in SCHEMES:
-        raise ValueError(f"quantization scheme {scheme.name!r} registered twice")
-    SCHEMES[scheme.name] = scheme
-    return scheme
+    return SCHEMES.register(scheme)
 
 
 def get_scheme(name: str) -> QuantScheme:
-    if name not in SCHEMES:
-        raise HarnessUsageError(f"unknown quantization scheme {name!r}; known: {', '.join(SCHEMES)}")
-    return SCHEMES[name]
+    return SCHEMES.get_record(name)
 
 
 def quantization_config(name: str, compute_dtype=None, skip_modules: list[str] | None = None):
