@@ -117,8 +117,10 @@ def base_implementation(impl: str) -> str:
 
 # What a model's own code raises when it was not written for the paged cache's calling convention
 # (seen: GPT-NeoX in transformers 5.24 calls cache.update(k, v, layer_idx) without the kwargs
-# PagedAttentionCache.update requires). A crash of any other kind stays a failure.
-_PAGED_API_MISMATCH = re.compile(r"PagedAttentionCache\.\w+\(\) (missing \d+ required|got an unexpected)")
+# PagedAttentionCache.update requires; Falcon in transformers 5.25 calls cache.get_seq_length(),
+# which PagedAttentionCache does not have). A crash of any other kind stays a failure.
+_PAGED_API_MISMATCH = re.compile(r"PagedAttentionCache\.\w+\(\) (missing \d+ required|got an unexpected)"
+                                 r"|'PagedAttentionCache' object has no attribute '\w+'")
 
 
 def model_support_reason(model, impl: str = "paged|eager") -> str | None:
