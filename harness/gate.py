@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness.config import DEFAULT_MODEL
 from harness.profiles import GATE_PROFILES
 
 
@@ -71,7 +72,7 @@ def model_weight_bytes(model: str) -> int | None:
 
     largest = 0
     for text in (m.strip() for m in model.split(",") if m.strip()):
-        if text in ("default", "smollm2-135m", "tiny:all") or text.startswith("tiny:"):
+        if text in ("default", DEFAULT_MODEL) or text.startswith("tiny:"):
             continue
         if text.startswith("random:"):
             preset = PRESETS.get(text)
@@ -131,7 +132,7 @@ def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[
 
 def parse(argv):
     p = argparse.ArgumentParser(prog="python -m harness.gate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m", help="model under test (see pytest --help, --model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model under test (see pytest --help, --model)")
     p.add_argument("--profile", choices=sorted(GATE_PROFILES), default="quick")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
