@@ -50,7 +50,7 @@ def build_command(opts, extra: list[str], report_dir: str | None = None) -> tupl
 MAX_JOBS = 4
 CPUS_PER_JOB = 4  # each process compiles (inductor's workers) and runs generate()'s Python loop
 # A model whose weights exceed this runs in one process: the harness sizes its references by the
-# device's free memory (harness.reference_sizing), which processes side by side would race for.
+# device's free memory (harness.models.reference_sizing), which processes side by side would race for.
 SHARED_DEVICE_MAX_WEIGHT_BYTES = 2 * 2**30
 
 
@@ -68,7 +68,7 @@ def visible_gpu_count(device: str) -> int:
 
 def model_weight_bytes(model: str) -> int | None:
     """The largest model's weight files on disk (None: unknown, e.g. a hub id, or a large preset)."""
-    from harness.presets import PRESETS
+    from harness.models.presets import PRESETS
 
     largest = 0
     for text in (m.strip() for m in model.split(",") if m.strip()):
@@ -286,7 +286,7 @@ def _benchmarks_after_run(opts) -> int:
         return 1 if opts.baseline else 0
     status = 0
     if opts.baseline:
-        status = subprocess.call([sys.executable, "-m", "harness.regression", opts.baseline, str(current),
+        status = subprocess.call([sys.executable, "-m", "harness.performance.regression", opts.baseline, str(current),
                                   "--fail", f"median:{opts.max_regression}"])
     if opts.save_baseline:
         shutil.copyfile(current, opts.save_baseline)

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import capabilities as caps_mod
-from harness.config import DEFAULT_MODEL, RunConfig, load_tolerances, parse_bytes
+from harness.backends import capabilities as caps_mod
+from harness.config import DEFAULT_MODEL, RunConfig, parse_bytes
+from harness.equivalence.tolerances import load_tolerances
 from harness.errors import HarnessUsageError, VariantRefused
-from harness.model_capabilities import model_category, refusals
-from harness.model_factory import ModelFactory
+from harness.models.capabilities import model_category, refusals
+from harness.models.factory import ModelFactory
 from harness.profiles import register_hypothesis_profiles
 from harness.results import Result, skip_outcome
-from harness.run_times import RunTimes, compile_seconds_so_far
+from harness.performance.run_times import RunTimes, compile_seconds_so_far
 from harness.session import RunSession
 
 _STATE_KEY = pytest.StashKey[RunSession]()
@@ -75,11 +76,11 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "needs(capability, ...): skip unless every named capability is available here")
     config.addinivalue_line("markers", "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
                             "memory_budget(None) exempts a test from --memory-budget")
-    from harness.models import resolve_model
+    from harness.models.loading import resolve_model
 
     try:
         # before anything initialises CUDA: an xdist worker sees only its own GPU
-        from harness.distributed import setup_xdist_gpus
+        from harness.inference.distributed import setup_xdist_gpus
 
         setup_xdist_gpus(planned_workers=len(getattr(config.option, "tx", None) or []))
         run = _run_config(config)
@@ -92,7 +93,7 @@ def pytest_configure(config):
         raise pytest.UsageError(str(exc)) from None
     register_hypothesis_profiles()
     _activate_planted_fault_from_env(config)
-    from harness.compile_cache import enable_persistent_compile_caches
+    from harness.performance.compile_cache import enable_persistent_compile_caches
     from harness.config import cache_root
 
     compile_caches = enable_persistent_compile_caches(cache_root(), device)
@@ -145,7 +146,7 @@ def _activate_planted_fault_from_env(config) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """`pytest -n auto` on a GPU host: one worker per GPU."""
-    from harness.distributed import auto_worker_count
+    from harness.inference.distributed import auto_worker_count
 
     return auto_worker_count()
 
@@ -162,11 +163,11 @@ def _capabilities(config):
 
 
 def _model_capabilities(config, spec) -> list:
-    """The model's own rows (harness.model_capabilities), probed once per model and run; the model
+    """The model's own rows (harness.models.capabilities), probed once per model and run; the model
     factory appends a refusal that only loading revealed."""
     table = _state(config).model_capabilities
     if spec.name not in table:
-        from harness.model_capabilities import probe_model
+        from harness.models.capabilities import probe_model
 
         table[spec.name] = list(probe_model(spec, _capabilities(config)))
     return table[spec.name]
@@ -294,7 +295,7 @@ def tolerances(request):
 
 @pytest.fixture(scope="session")
 def capabilities(request):
-    """The capability matrix: a tuple of harness.capabilities.Capability."""
+    """The capability matrix: a tuple of harness.backends.capabilities.Capability."""
     return _capabilities(request.config)
 
 
@@ -325,7 +326,7 @@ def _usage_guard(fn, *args, **kwargs):
 
 @pytest.fixture(scope="session")
 def tokenizer(model_spec):
-    from harness.models import load_tokenizer
+    from harness.models.loading import load_tokenizer
 
     loaded = _usage_guard(load_tokenizer, model_spec)
     if loaded is None:
@@ -335,7 +336,7 @@ def tokenizer(model_spec):
 
 
 class _SkippingFactory:
-    """harness.model_factory.ModelFactory in a test: a variant transformers refuses is a skip with
+    """harness.models.factory.ModelFactory in a test: a variant transformers refuses is a skip with
     its reason, bad input one failing line."""
 
     def __init__(self, factory):
@@ -363,8 +364,8 @@ def model_factory(model_spec, device, dtype, request):
 
 @pytest.fixture(scope="session")
 def weights_evidence(model_spec, reference_model, tokenizer, tolerances, request):
-    """harness.weights' evidence for the model under test, recorded once per model for the report."""
-    from harness.weights import next_token_entropy
+    """harness.models.weights' evidence for the model under test, recorded once per model for the report."""
+    from harness.models.weights import next_token_entropy
 
     evidence = next_token_entropy(reference_model, tokenizer)
     untrained = evidence.untrained(tolerances.untrained_entropy_fraction)
@@ -402,9 +403,9 @@ def reference_model(model_factory):
 @pytest.fixture(scope="session")
 def known_transformers_bug():
     """known_transformers_bug(applies, what): xfail naming a bug of an older transformers release
-    (harness.capabilities.older_transformers) when it applies there; otherwise return, so the
+    (harness.backends.capabilities.older_transformers) when it applies there; otherwise return, so the
     caller's failure stands."""
-    from harness.capabilities import TRANSFORMERS_FIXED_IN, older_transformers
+    from harness.backends.capabilities import TRANSFORMERS_FIXED_IN, older_transformers
 
     def check(applies: bool, what: str) -> None:
         version = older_transformers()
@@ -441,7 +442,7 @@ def record_result(request):
 
 class _OutcomeRecorder:
     """Keeps one row per test phase that decided the outcome (call, or a failed/skipped setup), and
-    every phase's time per suite (harness.run_times)."""
+    every phase's time per suite (harness.performance.run_times)."""
 
     def __init__(self, rows: list, times: RunTimes):
         self.rows = rows
@@ -483,7 +484,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def _record_compile_cache_use(state) -> None:
-    from harness.compile_cache import cache_use
+    from harness.performance.compile_cache import cache_use
 
     use = cache_use()
     if use and any(use.values()):
@@ -510,7 +511,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 # --- memory budgets (issue 6) ---
 # A budget comes from @pytest.mark.memory_budget("12GiB") on the test, else --memory-budget for the
 # whole run; it covers the test's call (fixtures load models beforehand, and what they hold counts:
-# the budget is for memory in use). harness.memory says how each device is measured.
+# the budget is for memory in use). harness.performance.memory says how each device is measured.
 
 
 def _budget_for(item) -> int | None:
@@ -538,7 +539,7 @@ def _record_budget(config, nodeid: str, peak, budget: int, passed: bool) -> None
 
 @contextlib.contextmanager
 def _budgeted(config, nodeid: str, budget: int):
-    from harness.memory import MemoryBudgetExceeded, measure_peak
+    from harness.performance.memory import MemoryBudgetExceeded, measure_peak
 
     try:
         with measure_peak(_state(config).device, budget_bytes=budget) as peak:
@@ -564,7 +565,7 @@ def pytest_runtest_call(item):
 @pytest.fixture
 def memory_budget(request):
     """`with memory_budget("2GiB") as peak:` fails the test if the block's peak exceeds 2 GiB;
-    `peak` (a harness.memory.MemoryPeak) holds the numbers afterwards."""
+    `peak` (a harness.performance.memory.MemoryPeak) holds the numbers afterwards."""
 
     def _budget(size):
         try:

@@ -3,7 +3,7 @@
 A profile sets together what would otherwise be three separate switches: whether the tests marked
 ``slow`` run (pytest's ``--run-slow``), how hard hypothesis searches (its profile of the same
 name, selected with HYPOTHESIS_PROFILE), and whether the attention-kernel search draws its shapes
-from harness.attention_cases.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
+from harness.equivalence.attention_cases.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
 
 - ``ci``: the default, and the gate's ``quick`` profile: bounded for the 2-core CI machine and a
   gate in minutes; derandomised, so a rerun checks the same inputs (``--seed`` still moves values);
@@ -26,12 +26,12 @@ class Profile:
     run_slow: bool  # the tests marked slow run too (pytest --run-slow)
     max_examples: int  # hypothesis examples per search
     derandomize: bool  # hypothesis draws the same examples every run
-    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.attention_cases.SHAPE_BUCKETS
+    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS
 
 
 PROFILES = {p.name: p for p in (
     # kernel_shape_buckets off: measured on the H200's cold gate (session 9), the bucketed search
-    # compiled 148 s of flex kernels against 56 s for the free one (see harness.attention_cases)
+    # compiled 148 s of flex kernels against 56 s for the free one (see harness.equivalence.attention_cases)
     Profile("ci", run_slow=False, max_examples=30, derandomize=True, kernel_shape_buckets=False),
     Profile("full", run_slow=True, max_examples=400, derandomize=False, kernel_shape_buckets=False),
     Profile("explore", run_slow=False, max_examples=30, derandomize=False, kernel_shape_buckets=False),

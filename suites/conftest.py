@@ -2,8 +2,8 @@
 
 import pytest
 
-from harness import capabilities
-from harness import generation as gen
+from harness.backends import capabilities
+from harness.inference import generation as gen
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +54,11 @@ def prompt_inputs(tokenizer, run_config, device):
 
 @pytest.fixture
 def agrees(dtype_name, tolerances, tokenizer, record_result):
-    """agrees(reference, run, check, lossy_kv=False, **details): asserts harness.token_agreement's
+    """agrees(reference, run, check, lossy_kv=False, **details): asserts harness.equivalence.token_agreement's
     rule for two greedy runs and records the result; ``lossy_kv`` compares at a quantized KV
-    cache's precision (harness.config.QUANTIZED_KV_PRECISION) instead of the run's dtype."""
-    from harness.config import QUANTIZED_KV_PRECISION
-    from harness.token_agreement import compare_runs, record_fields
+    cache's precision (harness.equivalence.tolerances.QUANTIZED_KV_PRECISION) instead of the run's dtype."""
+    from harness.equivalence.tolerances import QUANTIZED_KV_PRECISION
+    from harness.equivalence.token_agreement import compare_runs, record_fields
 
     def check(reference, run, check_name, *, lossy_kv=False, **details):
         result = compare_runs(reference, run, dtype_name=QUANTIZED_KV_PRECISION if lossy_kv else dtype_name,

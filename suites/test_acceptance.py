@@ -5,7 +5,7 @@ These run on trained models only; random-weight presets skip them, since they ha
 
 import pytest
 
-from harness.generation_basics import chat_greedy, gguf_header_for
+from harness.inference.generation_basics import chat_greedy, gguf_header_for
 
 pytestmark = pytest.mark.acceptance
 

@@ -2,10 +2,10 @@
 
 Every attention module of the model under test hands its attention function a query, key and
 value (after RoPE, with the KV cache), a mask built for that implementation, its scaling and
-window. harness.layer_attention records those calls in an eager run and replays eager's q/k/v into
+window. harness.equivalence.layer_attention records those calls in an eager run and replays eager's q/k/v into
 the function transformers dispatches to for each backend (``ALL_ATTENTION_FUNCTIONS``, the same
 lookup the model does), so the integration layer is exercised with real, trained inputs while
-nothing else differs. Each call's output must obey the kernel rule of harness.compare against
+nothing else differs. Each call's output must obey the kernel rule of harness.equivalence.compare against
 float64 eager on the same inputs, on the max error and on the RMS error (a bias spread over every
 position shows in the RMS where bf16 rounding outliers set the max).
 
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from harness.backends.attention import fused_backends
-from harness.capabilities import dtype_name
-from harness.layer_attention import (DispatchNotRecorded, compare_layer_calls, padded_token_batch, record_eager_calls,
+from harness.backends.capabilities import dtype_name
+from harness.equivalence.layer_attention import (DispatchNotRecorded, compare_layer_calls, padded_token_batch, record_eager_calls,
                                      reference_outputs, replay_through_dispatch)
 
 SCENARIOS = {  # scenario -> (decode steps, padding side)

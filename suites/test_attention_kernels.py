@@ -5,7 +5,7 @@ with ``sdpa_kernel``, flex_attention, flash-attn packages) is run on hypothesis-
 decode (q_len=1), chunked prefill (q_len < k_len), square prefill; MHA, GQA, MQA; head dims
 32..256 (some not a multiple of 8); causal or not; bool and additive masks with left or right
 padding (rows with no visible key must give 0); sliding windows. Each output must satisfy
-flash-attn's rule against the float64 truth (harness.compare.attention_error_check):
+flash-attn's rule against the float64 truth (harness.equivalence.compare.attention_error_check):
 
     error(impl, fp64) <= attention_error_factor x error(eager in the same dtype, fp64) + slack
 
@@ -20,11 +20,11 @@ import torch
 from hypothesis import HealthCheck, example, given, reject, settings
 
 from harness import profiles
-from harness.attention import eager_attention
-from harness.attention_cases import AttentionCase, attention_cases, check_attention_kernel
-from harness.compare import error_over_allowed
+from harness.backends.kernels import eager_attention
+from harness.equivalence.attention_cases import AttentionCase, attention_cases, check_attention_kernel
+from harness.equivalence.compare import error_over_allowed
 from harness.backends.attention import ATTENTION_BACKENDS, fused_backends
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 
 FUSED_KERNELS = fused_backends()
 
@@ -145,7 +145,7 @@ def test_kernel_matches_fp64_reference_fp32_cuda(name, case, require, run_config
     _check(kernel, case, torch.float32, device, tolerances, run_config, error_ratios)
 
 
-# The reference itself: its conventions (documented in harness.attention) checked on cases whose
+# The reference itself: its conventions (documented in harness.backends.kernels) checked on cases whose
 # answer is known without computing a softmax, so a wrong reference cannot pass silently.
 
 

@@ -3,7 +3,7 @@
 For the model under test, every attention implementation the machine offers runs the same inputs
 as eager attention in the run's dtype and as a high-precision eager reference (the same weights
 upcast: float64 on CPU, float32 on GPU). Every layer's hidden states and the logits must obey the k x eager rule of
-harness.compare (factor ``model_error_factor``): the implementation may be at most k times as
+harness.equivalence.compare (factor ``model_error_factor``): the implementation may be at most k times as
 far from the reference as eager attention is. Padding positions are excluded. A failure names
 the first diverging layer, the error, the tolerance and the (batch, token) position.
 
@@ -15,13 +15,13 @@ Token ids are drawn from ``--seed``, so repeated runs with different seeds probe
 import pytest
 import torch
 
-from harness.attention_model import (compare_model_outputs, known_disagreement, model_forward, padded_position_ids,
+from harness.equivalence.attention_model import (compare_model_outputs, known_disagreement, model_forward, padded_position_ids,
                                      reference_context, upcast_reference)
-from harness.compare import error_over_allowed
+from harness.equivalence.compare import error_over_allowed
 from harness.backends.attention import fused_backends
-from harness.capabilities import dtype_name
-from harness.compare import compare_tensors
-from harness.memory import release_device_memory
+from harness.backends.capabilities import dtype_name
+from harness.equivalence.compare import compare_tensors
+from harness.performance.memory import release_device_memory
 
 BACKENDS = fused_backends()
 SCENARIOS = ["single", "left_padded", "right_padded", "past_sliding_window"]
@@ -82,10 +82,10 @@ def _reference_model(cache, model_spec, model_factory, device):
 
 
 def _sized(cache, key, input_ids, model_spec, model_factory, device, dtype, run_config):
-    """Size the comparison for ``key`` before anything of it is built (harness.reference_sizing; on
+    """Size the comparison for ``key`` before anything of it is built (harness.models.reference_sizing; on
     CUDA only): where the upcast copy and the activations would not fit beside what is held, the
     reference's decoder layers stream from host memory, or the test skips with the numbers."""
-    from harness.reference_sizing import plan_model_reference
+    from harness.models.reference_sizing import plan_model_reference
 
     if key + ("plan",) not in cache:
         batch, length = input_ids.shape
@@ -102,7 +102,7 @@ def _reference_outputs(cache, key, run, model_spec, model_factory, device, plan)
     """run(reference model) once per key, placed as ``plan`` says. On CUDA an upcast model over
     2 GiB (a 7B model is 27 GB in float32) is dropped after each use, so it never sits beside the
     variants the factory holds."""
-    from harness.reference_sizing import planned_reference
+    from harness.models.reference_sizing import planned_reference
 
     if key not in cache:
         if plan.placement != "device":

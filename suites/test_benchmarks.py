@@ -10,11 +10,11 @@ MFU = prefill FLOPs / TTFT / measured matmul peak (both peaks measured once per 
 Figures go into benchmark.extra_info (so into the benchmark JSON and the report) and record_result.
 
 The device benchmarks (copy bandwidth, matmul peak) time one GPU call each, the way
-triton.testing.do_bench does (harness.timing.do_bench_times), and replay those per-call times into
-pytest-benchmark (harness.timing.replay_times), so their statistics and JSON are do_bench's;
+triton.testing.do_bench does (harness.performance.timing.do_bench_times), and replay those per-call times into
+pytest-benchmark (harness.performance.timing.replay_times), so their statistics and JSON are do_bench's;
 test_harness_timer_agrees_with_triton_do_bench holds that path to do_bench within ±3 %.
 
-Regressions are caught by comparing with a saved baseline: see harness/regression.py.
+Regressions are caught by comparing with a saved baseline: see harness/performance/regression.py.
 """
 
 import statistics
@@ -22,10 +22,10 @@ import statistics
 import pytest
 import torch
 
-from harness.capabilities import dtype_name
-from harness.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
+from harness.backends.capabilities import dtype_name
+from harness.performance.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
-from harness.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
+from harness.performance.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
                             percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)
 
 # pytest-benchmark reads only the closest `benchmark` marker, so every one repeats the timer.

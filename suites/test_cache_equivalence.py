@@ -3,13 +3,13 @@
 Claim under test: a KV cache "leads to identical results" and static cache + torch.compile is a
 pure speed-up. Every cache type transformers offers that applies to the model is run against
 the no-cache reference (every step recomputes attention over the whole sequence), N tokens forced
-(HARNESS_NEW_TOKENS, default 32), compared by harness.token_agreement's single rule: equal tokens
+(HARNESS_NEW_TOKENS, default 32), compared by harness.equivalence.token_agreement's single rule: equal tokens
 (or a near-tie divergence on reduced precision) and per-step logits within tolerance.
 """
 
 import pytest
 
-from harness import generation as gen
+from harness.inference import generation as gen
 from harness.backends import cache as caches
 
 

@@ -2,19 +2,19 @@
 
 Claim under test: speculative (assisted) decoding and prompt lookup decoding give "the same
 outputs" as greedy decoding of the target alone. Each is compared with plain greedy (dynamic
-cache) by harness.token_agreement's rule, N tokens forced. Guards against vacuous passes: the
+cache) by harness.equivalence.token_agreement's rule, N tokens forced. Guards against vacuous passes: the
 assistants must have drafts rejected (an assistant that always agrees proves nothing), and
 prompt lookup must have drafts accepted (a lookup that never hits is plain greedy).
 """
 
 import pytest
 
-from harness import generation as gen
-from harness import speculative
+from harness.inference import generation as gen
+from harness.inference import speculative
 from harness.errors import HarnessUsageError
 from harness.results import inconclusive_reason
 
-from harness.capabilities import older_transformers
+from harness.backends.capabilities import older_transformers
 
 
 class KnownBug(str):

@@ -9,10 +9,11 @@ Measured = the bytes of the tensors a real cache object holds after a generate()
 import pytest
 import torch
 
-from harness import generation as gen
+from harness.inference import generation as gen
 from harness.backends import cache as caches
-from harness import kv_cache, predictions
-from harness.presets import build_preset
+from harness.performance import kv_cache
+from harness.performance import predictions
+from harness.models.presets import build_preset
 
 BATCH = 2  # > 1 so a formula that forgets the batch factor fails
 

@@ -2,7 +2,7 @@
 trained window computed as configured, do the equivalence rules still hold at thousands of
 tokens, and does a long prompt fit a memory budget with fused attention where eager does not?
 
-Needle in a haystack (harness.niah): context lengths x needle depths, several unique needles
+Needle in a haystack (harness.equivalence.niah): context lengths x needle depths, several unique needles
 per cell, exact match of the number in the generated answer. CI runs a small grid; --run-slow
 runs the full grid (5 depths, 4 needles, up to the model's window). Override the grid, the
 acceptance threshold and the prompt format with the "niah" section of --thresholds FILE.
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import generation as gen
-from harness import niah
-from harness import positions as pos
-from harness.capabilities import by_name, dtype_name
+from harness.inference import generation as gen
+from harness.equivalence import niah
+from harness.equivalence import positions as pos
+from harness.backends.capabilities import by_name, dtype_name
 
 # Tokens generated (and compared) after a long prompt: a few on CPU, more in the full profile.
 LONG_PROMPT_NEW_TOKENS = {"ci": 8, "full": 32}
@@ -190,7 +190,7 @@ def test_niah_heatmap_and_table_cover_the_grid(trained, niah_scores, niah_config
 
 
 # ---------------------------------------------------------------------------------------------
-# Positions beyond the trained window, against harness.positions' independent maths
+# Positions beyond the trained window, against harness.equivalence.positions' independent maths
 
 
 def test_rope_cos_sin_match_reference_beyond_trained_window(model_spec, long_context_model, tolerances, record_result):
@@ -225,7 +225,7 @@ ROPE_SCALINGS = {
 def _scaled_llama_rotary(rope_type: str):
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from harness.presets import get_preset
+    from harness.models.presets import get_preset
 
     config = get_preset("tiny:llama").make_config()
     config.max_position_embeddings = TRAINED_WINDOW
@@ -345,7 +345,7 @@ def _no_cache_over_sequence(model, run: gen.GreedyRun, eos_token_ids: list[int])
 
 def test_cache_matches_no_cache_on_long_prompt(model_spec, long_context_model, long_context_attn, tokenizer, dtype,
                                                tolerances, run_config, request, record_result):
-    from harness.token_agreement import compare_runs, record_fields
+    from harness.equivalence.token_agreement import compare_runs, record_fields
 
     profile = _profile(request.config)
     n = LONG_PROMPT_NEW_TOKENS[profile]
@@ -365,16 +365,16 @@ LONG_ATTENTION_PROMPT = {"cpu": 1024, "cuda": None}  # None: the model's whole w
 
 def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_context_attn, device, dtype, tolerances,
                                              run_config, record_result):
-    """The attention suite's rule (harness.attention_model.compare_model_outputs) at thousands of tokens,
+    """The attention suite's rule (harness.equivalence.attention_model.compare_model_outputs) at thousands of tokens,
     where fused kernels split the keys into many blocks: every layer and the logits of the
     long-context implementation against eager, both measured against the upcast reference.
     On a GPU the prompt is the model's window, or the longest (at least the CPU length) for which
-    harness.reference_sizing predicts that the reference and the comparison fit beside the variants."""
+    harness.models.reference_sizing predicts that the reference and the comparison fit beside the variants."""
     import torch
 
-    from harness.attention_model import compare_model_outputs, known_disagreement, model_forward
-    from harness.compare import error_over_allowed
-    from harness.reference_sizing import plan_model_reference, reference_outputs
+    from harness.equivalence.attention_model import compare_model_outputs, known_disagreement, model_forward
+    from harness.equivalence.compare import error_over_allowed
+    from harness.models.reference_sizing import plan_model_reference, reference_outputs
 
     if long_context_attn == "eager":
         pytest.skip("--attn eager: the long-context implementation is the baseline itself")
@@ -425,8 +425,8 @@ def test_long_prompt_fits_budget_with_fused_attention_but_not_with_eager(model_s
     import torch
 
     from harness.config import format_bytes
-    from harness.memory import measure_peak, release_device_memory
-    from harness.predictions import attention_shape, predict_eager_attention_peak_bytes
+    from harness.performance.memory import measure_peak, release_device_memory
+    from harness.performance.predictions import attention_shape, predict_eager_attention_peak_bytes
 
     peaks = {}
     for impl in (long_context_attn, "eager"):

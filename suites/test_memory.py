@@ -8,7 +8,7 @@
 - The seed's rule of thumb, "about 2 x billions of parameters GB in bf16", on a 7B shape (GPU).
 
 How memory is measured (allocator + NVML on CUDA, the process's resident high-water mark on CPU)
-is in harness/memory.py; each recorded result says which method it used.
+is in harness/performance/memory.py; each recorded result says which method it used.
 """
 
 import math
@@ -16,15 +16,15 @@ import math
 import pytest
 import torch
 
-from harness.capabilities import dtype_name
-from harness.memory import (MODEL_STORAGE_METHOD, is_out_of_memory, measure_peak, model_storage_bytes,
+from harness.backends.capabilities import dtype_name
+from harness.performance.memory import (MODEL_STORAGE_METHOD, is_out_of_memory, measure_peak, model_storage_bytes,
                             release_device_memory)
-from harness.predictions import (SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth,
+from harness.performance.predictions import (SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth,
                                  kv_bytes_per_token, parameter_counts, predict_eager_attention_peak_bytes,
                                  predict_kv_cache_bytes, predict_weight_bytes)
-from harness.models import load_model
+from harness.models.loading import load_model
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
-from harness.timing import prefill_flops
+from harness.performance.timing import prefill_flops
 
 # exclusive: these tests read the device's memory (NVML counts every process), so harness.gate runs
 # them alone on it

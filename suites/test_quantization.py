@@ -4,7 +4,7 @@ KL-divergence statistics over the bundled corpus (harness/data/corpus), weight f
 their prediction, and greedy agreement on chat prompts.
 
 CI runs int8 and nf4 on 2 windows of 256 tokens (254 scored); --run-slow adds fp4, nf4-dq, fp4-dq
-and the whole corpus in 512-token windows. Thresholds: harness.quantization.QuantizationThresholds,
+and the whole corpus in 512-token windows. Thresholds: harness.equivalence.quantization.QuantizationThresholds,
 overridable through the "quantization" section of the --thresholds JSON file.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import quantization as Q
+from harness.equivalence import quantization as Q
 from harness.backends import quantization as schemes
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 from harness.errors import HarnessUsageError
 
 CI_WINDOW, CI_WINDOW_COUNT = 256, 2

@@ -5,25 +5,25 @@ with a paged KV cache is a scheduling and memory optimisation only. Requests of 
 (short, long, the short one a prefix of the long one, two identical prompts; chat prompts drawn
 from --seed) served together, in another order, arriving mid-generation or next to a cancelled
 request, must each equal the same request decoded alone with the ordinary dynamic cache, by
-harness.token_agreement's rule (harness.serving_compare applies it to what the serving path
+harness.equivalence.token_agreement's rule (harness.equivalence.serving_compare applies it to what the serving path
 returns: tokens and their log-probabilities). Long prompts are prefilled in chunks (a 48-token
 batch budget) over 16-token blocks. The paged cache must hold what its config says
-(harness.serving_memory), and on a GPU continuous batching is timed against generate() on a
-padded batch (harness.serving_speed). Each paged attention implementation is tried first (on a
+(harness.performance.serving_memory), and on a GPU continuous batching is timed against generate() on a
+padded batch (harness.performance.serving_speed). Each paged attention implementation is tried first (on a
 tiny Llama); one that does not run here skips with the exception it raised.
 """
 
 import pytest
 
-from harness import generation as gen
+from harness.inference import generation as gen
 from harness.backends import cache as caches
-from harness import serving
-from harness import serving_memory as mem
-from harness import serving_speed as speed
-from harness.capabilities import dtype_name
-from harness.serving_compare import served_agreement
-from harness.timing import device_timer
-from harness.token_agreement import record_fields
+from harness.inference import serving
+from harness.performance import serving_memory as mem
+from harness.performance import serving_speed as speed
+from harness.backends.capabilities import dtype_name
+from harness.equivalence.serving_compare import served_agreement
+from harness.performance.timing import device_timer
+from harness.equivalence.token_agreement import record_fields
 
 SYNCED = {"timer": device_timer, "disable_gc": True}
 # 16 requests are the quick gate's level (a batch where continuous batching pays); 1, 4 and 64 fill

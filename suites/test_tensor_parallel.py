@@ -1,9 +1,9 @@
 """Tensor parallelism: the model split over 2, 4 or 8 ranks by transformers' own plan
-(tp_plan="auto", one torchrun process per rank, harness.tp_worker) gives the logits and greedy
+(tp_plan="auto", one torchrun process per rank, harness.inference.tp_worker) gives the logits and greedy
 tokens of the single-device run, by the rules every suite uses.
 
 On CUDA each rank count up to the visible GPUs runs with nccl; on CPU two gloo processes check the
-same path. NVLink multicast is off in every process (harness.distributed). Under pytest-xdist a
+same path. NVLink multicast is off in every process (harness.inference.distributed). Under pytest-xdist a
 worker owns one GPU, so these tests skip there: run this file on its own, without -n.
 """
 
@@ -11,15 +11,15 @@ import os
 
 import pytest
 
-from harness.distributed import (PINNED_GPU_ENV, TP_RANK_COUNTS, TPSession, compare_prompt_logits,
+from harness.inference.distributed import (PINNED_GPU_ENV, TP_RANK_COUNTS, TPSession, compare_prompt_logits,
                                  rank_count_skip_reason)
-from harness.generation import new_tokens_default
-from harness.token_agreement import compare_runs
+from harness.inference.generation import new_tokens_default
+from harness.equivalence.token_agreement import compare_runs
 
 
 @pytest.fixture(scope="session")
 def tp_session(run_config, device, dtype, tmp_path_factory):
-    from harness.models import load_tokenizer, resolve_model
+    from harness.models.loading import load_tokenizer, resolve_model
 
     specs = [s for text in run_config.models for s in resolve_model(
         text, allow_remote_code=run_config.allow_remote_code, allow_pickle=run_config.allow_pickle)]

@@ -16,7 +16,7 @@ def _preload_lazy_modules() -> None:
     import torch
     import transformers  # noqa: F401
 
-    from harness.presets import TINY_PRESETS, build_preset
+    from harness.models.presets import TINY_PRESETS, build_preset
 
     for name in TINY_PRESETS:
         build_preset(name, torch.device("cpu"), torch.float32)

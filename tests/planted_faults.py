@@ -7,7 +7,7 @@ Two forms of each fault:
   ``activate_planted_fault(name)`` installs it as transformers' global "sdpa", so every model
   loaded with ``attn_implementation="sdpa"`` is broken (Llama, Mistral, Qwen2, GPT-2 dispatch
   through it; Falcon calls torch SDPA itself and is unaffected).
-* ``KERNEL_FAULTS[name]``: the same bug in harness.attention's kernel convention
+* ``KERNEL_FAULTS[name]``: the same bug in harness.backends.kernels's kernel convention
   ``fn(q, k, v, *, mask, causal, window, scale)``.
 
 Each fault is a one-line change of a correct computation, described in ``FAULT_DESCRIPTIONS``.
@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from harness.attention import combined_bool_mask, eager_attention, structural_mask
+from harness.backends.kernels import combined_bool_mask, eager_attention, structural_mask
 
 FAULT_DESCRIPTIONS = {
     "attention_scale_off": "softmax scale 1/sqrt(d+1) instead of 1/sqrt(d)",
@@ -193,7 +193,7 @@ def deactivate_planted_faults() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel level: harness.attention's convention
+# Kernel level: harness.backends.kernels's convention
 
 
 def kernel_scale_off(q, k, v, *, mask=None, causal=False, window=None, scale=None):

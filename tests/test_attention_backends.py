@@ -6,9 +6,9 @@ import contextlib
 import pytest
 import torch
 
-from harness.attention import KernelImpl, eager_attention
+from harness.backends.kernels import KernelImpl, eager_attention
 from harness.backends import attention as registry
-from harness.capabilities import detect
+from harness.backends.capabilities import detect
 
 
 def test_the_capability_matrix_lists_every_backend_in_registry_order():

@@ -1,7 +1,7 @@
 """suites/test_attention_dispatch.py fails on broken attention, naming the layer and the call.
 
 Each planted fault (tests/planted_faults.py) is installed as transformers' "sdpa" and the suite's
-check (harness.layer_attention) must fail in float32 on CPU with the first failing call's layer
+check (harness.equivalence.layer_attention) must fail in float32 on CPU with the first failing call's layer
 and step; the real SDPA passes the same check. In bfloat16 the check must still see the
 smallest fault, a softmax scale 1 % too large, which every end-to-end model-level statistic
 missed on the H200 (issue 14); a subprocess run shows the suite itself failing on it.
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import Tolerances
-from harness.layer_attention import (compare_layer_calls, padded_token_batch, record_eager_calls, reference_outputs,
+from harness.equivalence.tolerances import Tolerances
+from harness.equivalence.layer_attention import (compare_layer_calls, padded_token_batch, record_eager_calls, reference_outputs,
                                      replay_through_dispatch)
-from harness.models import load_model, resolve_model
+from harness.models.loading import load_model, resolve_model
 from tests.planted_faults import ATTENTION_FAULTS, activate_planted_fault, deactivate_planted_faults
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """The attention suites fail on broken attention, with a message that points at the bug.
 
 Kernel level: hypothesis searches the suite's own case strategy for an input where the faulty
-kernel breaks the suite's rule (harness.attention_cases.check_attention_kernel) and shrinks it; the
+kernel breaks the suite's rule (harness.equivalence.attention_cases.check_attention_kernel) and shrinks it; the
 minimal case must show the feature the fault breaks (e.g. GQA for the head-order fault).
 Model level: each fault is installed as transformers' "sdpa" attention and the suite's model check
-(harness.attention_model.compare_model_outputs) must name a diverging layer. One subprocess run of
+(harness.equivalence.attention_model.compare_model_outputs) must name a diverging layer. One subprocess run of
 suites/test_attention_model.py with HARNESS_PLANTED_FAULT shows the suite itself failing.
 """
 
@@ -17,11 +17,11 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from harness.attention_cases import attention_cases, check_attention_kernel
-from harness.attention_model import compare_model_outputs, model_forward, reference_context, upcast_reference
+from harness.equivalence.attention_cases import attention_cases, check_attention_kernel
+from harness.equivalence.attention_model import compare_model_outputs, model_forward, reference_context, upcast_reference
 from harness.backends.attention import ATTENTION_BACKENDS
-from harness.config import Tolerances
-from harness.models import load_model, resolve_model
+from harness.equivalence.tolerances import Tolerances
+from harness.models.loading import load_model, resolve_model
 from tests.planted_faults import (FAULT_DESCRIPTIONS, KERNEL_FAULTS, activate_planted_fault,
                                   deactivate_planted_faults)
 
@@ -61,7 +61,7 @@ def test_kernel_suite_rule_catches_fault_and_shrinks_to_its_feature(fault):
 
 @pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
 def test_bucketed_search_of_the_quick_profile_catches_fault(fault):
-    """The quick profile draws shapes from harness.attention_cases.SHAPE_BUCKETS (one compile per bucket):
+    """The quick profile draws shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS (one compile per bucket):
     that narrower search must still find every kernel fault, within the ci profile's 30 examples."""
     find(attention_cases(buckets=True), _kernel_fails(KERNEL_FAULTS[fault], fault),
          settings=settings(max_examples=30, derandomize=True, database=None))

@@ -39,7 +39,7 @@ def test_corrupt_gguf(pytester):
 
 
 def test_truncated_real_gguf(pytester):
-    from harness.models import default_gguf_path
+    from harness.models.loading import default_gguf_path
 
     truncated = pytester.path / "truncated.gguf"
     truncated.write_bytes(default_gguf_path().read_bytes()[: 1 << 20])

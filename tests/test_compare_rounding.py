@@ -1,9 +1,9 @@
-"""harness.compare's rounding term and the reference sanity statistic, on hand-made tensors."""
+"""harness.equivalence.compare's rounding term and the reference sanity statistic, on hand-made tensors."""
 
 import pytest
 import torch
 
-from harness.compare import compare_tensors, reference_rounding, typical_position_error
+from harness.equivalence.compare import compare_tensors, reference_rounding, typical_position_error
 
 
 @pytest.mark.parametrize("dtype, value, half_ulp", [

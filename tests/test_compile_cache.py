@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from harness.compile_cache import CACHE_VARIABLES, cache_key, cache_use, enable_persistent_compile_caches
+from harness.performance.compile_cache import CACHE_VARIABLES, cache_key, cache_use, enable_persistent_compile_caches
 
 
 def test_caches_are_keyed_by_torch_transformers_and_device(tmp_path, monkeypatch):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import distributed
-from harness.distributed import (MULTICAST_OFF, gpu_for_worker, launch_env, pin_xdist_worker_to_gpu,
+from harness.inference import distributed
+from harness.inference.distributed import (MULTICAST_OFF, gpu_for_worker, launch_env, pin_xdist_worker_to_gpu,
                                  rank_count_skip_reason, rank_counts_available, torchrun_command,
                                  tp_split_skip_reason)
 from harness.errors import HarnessUsageError
@@ -33,9 +33,9 @@ def test_launch_env_makes_this_checkout_importable_first():
 
 
 def test_torchrun_command_is_standalone_with_one_process_per_rank():
-    cmd = torchrun_command(4, "harness.tp_worker", ["--job", "j.json"], python="py")
+    cmd = torchrun_command(4, "harness.inference.tp_worker", ["--job", "j.json"], python="py")
     assert cmd == ["py", "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=4",
-                   "-m", "harness.tp_worker", "--job", "j.json"]
+                   "-m", "harness.inference.tp_worker", "--job", "j.json"]
 
 
 def test_launched_processes_see_multicast_off(monkeypatch):
@@ -128,7 +128,7 @@ def test_no_pinning_outside_xdist_or_without_gpus():
 # conftest so that the test also holds for a plugin that does not carry them yet.
 XDIST_CONFTEST = """
 import pytest
-from harness.distributed import auto_worker_count, setup_xdist_gpus
+from harness.inference.distributed import auto_worker_count, setup_xdist_gpus
 from harness.errors import HarnessUsageError
 
 def pytest_configure(config):
@@ -234,9 +234,9 @@ def llama_tp_runs(tmp_path_factory):
     linear weight scaled, beside the single-device run of the same weights and prompt."""
     import torch
 
-    from harness.distributed import TPJob, TPModel, run_tensor_parallel
-    from harness.presets import build_preset
-    from harness.tp_worker import forward_and_greedy
+    from harness.inference.distributed import TPJob, TPModel, run_tensor_parallel
+    from harness.models.presets import build_preset
+    from harness.inference.tp_worker import forward_and_greedy
 
     folder = tmp_path_factory.mktemp("tp") / "tiny-llama"
     model = build_preset("tiny:llama", torch.device("cpu"), torch.float32)
@@ -249,8 +249,8 @@ def llama_tp_runs(tmp_path_factory):
 
 
 def test_planted_fault_control_clean_tp_run_agrees(llama_tp_runs):
-    from harness.config import Tolerances
-    from harness.token_agreement import compare_runs
+    from harness.equivalence.tolerances import Tolerances
+    from harness.equivalence.token_agreement import compare_runs
 
     (_, single), tp = llama_tp_runs
     assert tp["clean"].fault_note == ""
@@ -258,8 +258,8 @@ def test_planted_fault_control_clean_tp_run_agrees(llama_tp_runs):
 
 
 def test_planted_fault_scaled_shard_fails_greedy_agreement_at_its_logits(llama_tp_runs):
-    from harness.config import Tolerances
-    from harness.token_agreement import LOGITS_MISMATCH, compare_runs
+    from harness.equivalence.tolerances import Tolerances
+    from harness.equivalence.token_agreement import LOGITS_MISMATCH, compare_runs
 
     (_, single), tp = llama_tp_runs
     assert tp["faulty"].fault_note == "rank 1's shard of model.layers.0.self_attn.q_proj.weight scaled by 1.25"
@@ -284,8 +284,8 @@ def _scale_vocab_shard(logits, ranks: int, shard: int, factor: float):
 
 
 def _prompt_logits_check(single, candidate):
-    from harness.config import Tolerances
-    from harness.distributed import compare_prompt_logits
+    from harness.equivalence.tolerances import Tolerances
+    from harness.inference.distributed import compare_prompt_logits
 
     return compare_prompt_logits(single, candidate, dtype_name="float32", tolerances=Tolerances(),
                                  label="tiny:llama over 2 ranks vs single device")
@@ -327,8 +327,8 @@ def test_planted_fault_misordered_shards_fail_greedy_agreement(llama_tp_runs):
     """The same misordering during generation: every step's logits come back permuted."""
     import dataclasses
 
-    from harness.config import Tolerances
-    from harness.token_agreement import compare_runs
+    from harness.equivalence.tolerances import Tolerances
+    from harness.equivalence.token_agreement import compare_runs
 
     (_, single), tp = llama_tp_runs
     clean = tp["clean"].greedy
@@ -339,7 +339,7 @@ def test_planted_fault_misordered_shards_fail_greedy_agreement(llama_tp_runs):
 
 
 def test_unknown_planted_fault_is_a_usage_error():
-    from harness.distributed import TPModel
+    from harness.inference.distributed import TPModel
 
     with pytest.raises(HarnessUsageError, match="unknown planted fault 'drop-rank'"):
         TPModel("m", "/m", (1, 2), fault="drop-rank")
@@ -352,7 +352,7 @@ def test_a_failing_rank_reports_model_rank_and_error_in_one_line(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from harness.distributed import TPJob, TPModel, run_tensor_parallel
+    from harness.inference.distributed import TPJob, TPModel, run_tensor_parallel
 
     config = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=3, num_key_value_heads=3, head_dim=16)

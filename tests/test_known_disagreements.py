@@ -2,7 +2,7 @@
 
 from transformers import FalconConfig, LlamaConfig
 
-from harness.attention_model import known_disagreement
+from harness.equivalence.attention_model import known_disagreement
 
 
 def test_any_falcon_checkpoint_with_alibi_gets_the_explanation():

@@ -12,8 +12,8 @@ from harness.config import format_bytes
 import pytest
 import torch
 
-from harness.memory import MemoryBudgetExceeded, _proc_rss, measure_peak
-from harness.predictions import (AttentionShape, attention_shape, parameter_counts, predict_kv_cache_bytes,
+from harness.performance.memory import MemoryBudgetExceeded, _proc_rss, measure_peak
+from harness.performance.predictions import (AttentionShape, attention_shape, parameter_counts, predict_kv_cache_bytes,
                                  predict_weight_bytes)
 
 MiB = 2**20
@@ -47,7 +47,7 @@ def test_budget_exceeded_raises_with_the_numbers():
 
 
 def test_weight_prediction_per_scheme_follows_its_formula():
-    from harness.presets import get_preset
+    from harness.models.presets import get_preset
 
     counts = parameter_counts(get_preset("tiny:llama").make_config())
     # vocab 49152 x 64 twice (untied), 2 layers of q,o (64x64), k,v (32x64), MLP 3 x 64x128, 5 norms of 64
@@ -60,7 +60,7 @@ def test_weight_prediction_per_scheme_follows_its_formula():
 
 
 def test_kv_prediction_counts_kv_heads_not_query_heads():
-    from harness.presets import get_preset
+    from harness.models.presets import get_preset
 
     assert predict_kv_cache_bytes(AttentionShape(2, 4, 2, 16), batch=3, seq_len=10, dtype=torch.float32) == 2 * 2 * 3 * 2 * 16 * 10 * 4
     assert attention_shape(get_preset("tiny:falcon-mqa").make_config()).kv_heads == 1

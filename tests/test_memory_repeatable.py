@@ -14,16 +14,16 @@ from pathlib import Path
 
 import torch
 
-from harness.memory import measure_peak
-from harness.presets import build_preset
+from harness.performance.memory import measure_peak
+from harness.models.presets import build_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 LENGTHS = (128, 512)  # an eager prefill: its N^2 score matrices dominate the longer one
 
 MEASURE = """
 import json, torch
-from harness.memory import measure_peak
-from harness.presets import build_preset
+from harness.performance.memory import measure_peak
+from harness.models.presets import build_preset
 model = build_preset("tiny:llama", torch.device("cpu"), torch.float32, attn_implementation="eager")
 peaks = []
 for n in {lengths}:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import models
+from harness.models import loading as models
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """The model's own capability rows: transformers' answer for each implementation the device runs."""
 
-from harness.capabilities import Capability
-from harness.model_capabilities import probe_model, refusals
-from harness.models import ModelSpec
+from harness.backends.capabilities import Capability
+from harness.models.capabilities import probe_model, refusals
+from harness.models.loading import ModelSpec
 
 DEVICE_RUNS = (Capability("eager", "attention", True, ""), Capability("sdpa_math", "attention", True, ""),
                Capability("flex_attention", "attention", True, ""),

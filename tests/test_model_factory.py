@@ -3,8 +3,8 @@ the H100 out of memory in session 2 was three 7B variants plus a float32 referen
 
 import torch
 
-from harness.models import resolve_model
-from harness.model_factory import ModelFactory
+from harness.models.loading import resolve_model
+from harness.models.factory import ModelFactory
 
 
 def test_run_variant_stays_loaded_while_other_variants_take_turns():

@@ -7,7 +7,7 @@
 
 Each fault runs the real suite file on SmolLM2-135M through pytester over a one-length grid; the
 same grid without a fault passes, so the failures come from the faults. The last two tests show
-the position references (harness.positions) reject wrong position maths: a rotary module that
+the position references (harness.equivalence.positions) reject wrong position maths: a rotary module that
 ignores its configured scaling, and ALiBi slopes on the wrong heads.
 """
 
@@ -21,7 +21,7 @@ GRID = {"niah": {"lengths": [256], "depths": [50], "needles": 2}}
 
 WRONG_SPAN = '''
 import pytest
-from harness import niah
+from harness.equivalence import niah
 
 @pytest.fixture(autouse=True)
 def answer_from_whole_output(monkeypatch):
@@ -31,7 +31,7 @@ def answer_from_whole_output(monkeypatch):
 
 MIDDLE_TRUNCATION = '''
 import pytest
-from harness import niah
+from harness.equivalence import niah
 
 @pytest.fixture(autouse=True)
 def truncate_prompt_middle(monkeypatch):
@@ -86,9 +86,9 @@ def test_rope_reference_rejects_a_rotary_module_that_ignores_its_scaling():
     import torch
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from harness import positions as pos
-    from harness.config import Tolerances
-    from harness.presets import get_preset
+    from harness.equivalence import positions as pos
+    from harness.equivalence.tolerances import Tolerances
+    from harness.models.presets import get_preset
 
     config = get_preset("tiny:llama").make_config()
     config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
@@ -105,7 +105,7 @@ def test_rope_reference_rejects_a_rotary_module_that_ignores_its_scaling():
 def test_alibi_reference_rejects_reversed_head_slopes():
     import torch
 
-    from harness import positions as pos
+    from harness.equivalence import positions as pos
 
     reference = pos.alibi_bias(4, 32)
     reversed_heads = reference.flip(0)  # FAULT: slopes assigned to heads in the wrong order

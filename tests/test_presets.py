@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from harness.models import resolve_model
-from harness.presets import PRESETS, TINY_PRESETS, build_preset
+from harness.models.loading import resolve_model
+from harness.models.presets import PRESETS, TINY_PRESETS, build_preset
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,5 @@
 """Planted faults the quantization suite must catch, each through the same check the suite applies
-(harness.quantization.check_agreement / check_footprint / check_really_differs), on the default
+(harness.equivalence.quantization.check_agreement / check_footprint / check_really_differs), on the default
 model on CPU with the suite's CI windows (2 x 256 tokens, 254 scored)."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import quantization as Q
+from harness.equivalence import quantization as Q
 from harness.backends import quantization as schemes
-from harness.capabilities import by_name, detect
-from harness.models import ModelSpec, load_model, load_tokenizer
+from harness.backends.capabilities import by_name, detect
+from harness.models.loading import ModelSpec, load_model, load_tokenizer
 
 CPU = torch.device("cpu")
 WINDOW, WINDOW_COUNT = 256, 2

@@ -4,8 +4,8 @@ the capability matrix, the weight-byte prediction and the suites' parametrisatio
 import torch
 
 from harness.backends import quantization as schemes
-from harness.capabilities import detect
-from harness.predictions import ParameterCounts, predict_weight_bytes
+from harness.backends.capabilities import detect
+from harness.performance.predictions import ParameterCounts, predict_weight_bytes
 
 COUNTS = ParameterCounts(total=10_000, linear=8_192, linear_out_features=128, linear_bias=0, input_embedding=1_000,
                          output_embedding=0, tied=True)

@@ -1,4 +1,4 @@
-"""harness.reference_sizing: the references and comparisons the harness builds itself are sized
+"""harness.models.reference_sizing: the references and comparisons the harness builds itself are sized
 from its memory predictions before they are built (issue 13: the fp32 reference of a 7B model over
 its whole 16384-token window ran an H200 out of memory).
 
@@ -10,7 +10,7 @@ must give the whole window. Each fails if the plan ignored the free memory.
 import pytest
 import torch
 
-from harness import reference_sizing as rs
+from harness.models import reference_sizing as rs
 from harness.config import format_bytes
 
 GiB = 2**30
@@ -98,7 +98,7 @@ def test_a_window_shorter_than_the_minimum_is_taken_whole():
 
 def test_the_cpu_is_not_sized():
     """CI: the whole request and the float64 reference on the device as before; no note."""
-    from harness.presets import build_preset
+    from harness.models.presets import build_preset
 
     model = build_preset("tiny:llama", torch.device("cpu"), torch.float32)
     plan = rs.plan_model_reference(model, torch.device("cpu"), torch.float32, torch.float64, requested=1024,
@@ -107,8 +107,8 @@ def test_the_cpu_is_not_sized():
 
 
 def test_prediction_from_a_config_uses_the_harness_memory_predictions():
-    from harness.predictions import parameter_counts, predict_weight_bytes
-    from harness.presets import get_preset
+    from harness.performance.predictions import parameter_counts, predict_weight_bytes
+    from harness.models.presets import get_preset
 
     config = get_preset("random:llama-7b").make_config()
     shape = rs.comparison_shape(config, torch.bfloat16, torch.float32)
@@ -122,8 +122,8 @@ def test_prediction_from_a_config_uses_the_harness_memory_predictions():
 @pytest.mark.parametrize("placement", ["layers", "cpu"])
 @pytest.mark.parametrize("preset", ["tiny:llama", "tiny:gpt2"])
 def test_streamed_and_cpu_references_give_the_device_reference_bit_for_bit(placement, preset):
-    from harness.attention_model import model_forward, reference_context, upcast_reference
-    from harness.presets import build_preset
+    from harness.equivalence.attention_model import model_forward, reference_context, upcast_reference
+    from harness.models.presets import build_preset
 
     model = build_preset(preset, torch.device("cpu"), torch.float32)
     ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def test_streamed_and_cpu_references_give_the_device_reference_bit_for_bit(place
 
 
 def test_upcast_copy_keeps_ties_and_leaves_the_model_alone():
-    from harness.presets import build_preset
+    from harness.models.presets import build_preset
 
     model = build_preset("tiny:gpt2", torch.device("cpu"), torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,7 +2,7 @@
 
 Planted fault: a benchmark whose step does its wait twice (a redundant recomputation) must fail
 the gate against a baseline saved without it, both through pytest-benchmark's
---benchmark-compare-fail and through harness.regression (which also judges extra_info rates);
+--benchmark-compare-fail and through harness.performance.regression (which also judges extra_info rates);
 the unchanged benchmark must pass the same gate.
 """
 
@@ -11,7 +11,7 @@ import json
 import pytest
 
 from harness.errors import HarnessUsageError
-from harness.regression import compare, load_benchmarks, main, parse_rule
+from harness.performance.regression import compare, load_benchmarks, main, parse_rule
 from tests.conftest import check_compare_gate
 
 BENCH = '''

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.reporting import text as report_text
-from harness.predictions import SCALING_CHECK
+from harness.performance.predictions import SCALING_CHECK
 from harness.reporting.report import MD_LIMIT_BYTES, main, render_markdown, render_run
 from harness.reporting.html_view import render_html
 from harness.reporting.triage import classify
@@ -298,7 +298,7 @@ def test_failures_are_classified_by_the_one_table(nodeid, message, checks, kind)
 
 
 def test_setup_errors_and_speed_regressions_are_triaged(tmp_path):
-    from harness.regression import Comparison, parse_rule
+    from harness.performance.regression import Comparison, parse_rule
 
     summary = _summary(outcomes=[_outcome("suites/test_memory.py::test_w", "failed", "KeyError: 'x'", when="setup")])
     slower = Comparison("suites/test_benchmarks.py::test_decode[1]", parse_rule("median:10%"), 1.0, 1.3)

@@ -12,10 +12,10 @@ import re
 import pytest
 import torch
 
-from harness.compare import error_over_allowed
-from harness.compare import compare_tensors
-from harness.config import Tolerances
-from harness.token_agreement import (IDENTICAL, LENGTH_MISMATCH, LOGITS_MISMATCH, NEAR_TIE, TOKEN_MISMATCH,
+from harness.equivalence.compare import error_over_allowed
+from harness.equivalence.compare import compare_tensors
+from harness.equivalence.tolerances import Tolerances
+from harness.equivalence.token_agreement import (IDENTICAL, LENGTH_MISMATCH, LOGITS_MISMATCH, NEAR_TIE, TOKEN_MISMATCH,
                                      compare_greedy, record_fields)
 
 OPS = {"<": operator.lt, "<=": operator.le, "==": operator.eq, ">": operator.gt, ">=": operator.ge}

@@ -1,8 +1,8 @@
-"""harness.run_times: each phase's seconds land in set-up, compile or measure of its suite."""
+"""harness.performance.run_times: each phase's seconds land in set-up, compile or measure of its suite."""
 
 import pytest
 
-from harness.run_times import RunTimes, compile_seconds_so_far
+from harness.performance.run_times import RunTimes, compile_seconds_so_far
 
 
 def test_phases_split_into_setup_compile_and_measure():

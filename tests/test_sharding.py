@@ -98,7 +98,7 @@ def test_shards_of_a_run_cover_it_exactly_once(pytester):
 
 def test_memory_meter_does_not_read_nvml_on_a_shared_device(monkeypatch):
     """NVML reads the whole device: beside other shards it would count their memory as this test's."""
-    from harness import memory
+    from harness.performance import memory
 
     monkeypatch.setattr(memory, "_nvml_handle", lambda device: pytest.fail("NVML was opened on a shared device"))
     monkeypatch.setenv("HARNESS_SHARED_DEVICE", "1")

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 
-from harness.timing import ReplayClock, do_bench_call_count, do_bench_times, replay_times
+from harness.performance.timing import ReplayClock, do_bench_call_count, do_bench_times, replay_times
 
 # Distinct, unsorted, not binary fractions: a dropped, reordered or rounded value shows.
 from tests.conftest import check_compare_gate
@@ -25,7 +25,7 @@ import statistics
 
 import pytest
 
-from harness.timing import replay_clock, replay_times
+from harness.performance.timing import replay_clock, replay_times
 
 TIMES = json.loads(os.environ["REPLAY_TIMES"])
 
@@ -40,7 +40,7 @@ def test_replayed(benchmark):
 
 
 def test_without_the_replay_timer_is_refused(benchmark):
-    with pytest.raises(RuntimeError, match="timer=harness.timing.replay_clock"):
+    with pytest.raises(RuntimeError, match="timer=harness.performance.timing.replay_clock"):
         replay_times(benchmark, TIMES)
 '''
 
@@ -50,7 +50,7 @@ import time
 
 import pytest
 
-from harness.timing import do_bench_times, replay_clock, replay_times
+from harness.performance.timing import do_bench_times, replay_clock, replay_times
 
 
 def decode_step():

@@ -2,8 +2,8 @@
 
 import torch
 
-from harness.config import Tolerances
-from harness.token_agreement import NEAR_TIE, TOKEN_MISMATCH, compare_greedy
+from harness.equivalence.tolerances import Tolerances
+from harness.equivalence.token_agreement import NEAR_TIE, TOKEN_MISMATCH, compare_greedy
 
 TOL = Tolerances()
 

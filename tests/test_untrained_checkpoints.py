@@ -1,7 +1,7 @@
 """A checkpoint with untrained weights gets quality verdicts that say so, not harness failures.
 
 Issue 19: a user's random-initialised checkpoint failed "Paris" and the NIAH grid as plain
-failures. The harness measures whether the weights behave as trained (harness.weights: next-token
+failures. The harness measures whether the weights behave as trained (harness.models.weights: next-token
 entropy over the bundled prose vs uniform) and makes quality checks expected failures with that
 explanation; the trained default model is not flagged.
 """
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness.config import Tolerances
-from harness.models import load_model, load_tokenizer, resolve_model
-from harness.presets import build_preset
-from harness.weights import next_token_entropy
+from harness.equivalence.tolerances import Tolerances
+from harness.models.loading import load_model, load_tokenizer, resolve_model
+from harness.models.presets import build_preset
+from harness.models.weights import next_token_entropy
 
 LIMIT = Tolerances().untrained_entropy_fraction
 

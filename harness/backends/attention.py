@@ -1,10 +1,10 @@
 """The attention backends: one record each (issue 17).
 
 A record says everything the harness needs to validate one backend: its kernel in the harness's
-calling convention (harness.attention; a KernelImpl with the inputs it accepts), the
+calling convention (harness.backends.kernels; a KernelImpl with the inputs it accepts), the
 ``attn_implementation`` name transformers loads it by and the context a forward runs in (SDPA's
 backends are forced with ``sdpa_kernel``), how to probe whether it runs here (the capability
-matrix, harness.capabilities), which inputs its CUDA kernels refuse, and whether transformers
+matrix, harness.backends.capabilities), which inputs its CUDA kernels refuse, and whether transformers
 compiles it per shape on the CPU. The kernel, model, dispatch and long-context suites, the model
 capability probe and the capability matrix all iterate ``ATTENTION_BACKENDS``; adding a backend is
 one ``register`` call below.
@@ -20,8 +20,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
-from harness.attention import KernelImpl, eager_attention, flash_attn_package_impl, flex_attention_impl, sdpa_attention
-from harness.capabilities import Capability, dtype_name, try_probe
+from harness.backends.kernels import KernelImpl, eager_attention, flash_attn_package_impl, flex_attention_impl, sdpa_attention
+from harness.backends.capabilities import Capability, dtype_name, try_probe
 from harness.backends import Registry
 
 Probe = Callable[[object, object], tuple[bool, str]]  # (device, dtype) -> (runs here, what was found or why not)

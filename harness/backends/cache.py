@@ -2,7 +2,7 @@
 
 A record builds the cache (or the generate() arguments that ask for it), says where it does not
 apply (a model without sliding layers, a CPU run, a missing quantization backend) and whether it is
-lossy by design (compared at harness.config.QUANTIZED_KV_PRECISION). The cache-equivalence and
+lossy by design (compared at harness.equivalence.tolerances.QUANTIZED_KV_PRECISION). The cache-equivalence and
 KV-memory suites parametrise over ``CACHE_TYPES``; adding a cache type is one entry there.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from harness.backends import Registry
-from harness.generation import GreedyRun, cache_kwarg, greedy, new_tokens_default
+from harness.inference.generation import GreedyRun, cache_kwarg, greedy, new_tokens_default
 
 
 

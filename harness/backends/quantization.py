@@ -1,11 +1,11 @@
 """The quantization schemes: one record each (issue 17).
 
 A record says everything the harness needs to validate one scheme: the transformers config that
-loads a model with it, the bytes its weights take (harness.memory.predict_weight_bytes reads the
+loads a model with it, the bytes its weights take (harness.performance.memory.predict_weight_bytes reads the
 quantized and statistics bytes from here), its row in the capability matrix and how to probe it,
 and whether the memory and speed suites measure it (the double-quantized variants are checked by
 the quantization suite only). The quantization suite's thresholds per scheme are
-harness.quantization.QuantizationThresholds (each number with its measurement). Adding a scheme is
+harness.equivalence.quantization.QuantizationThresholds (each number with its measurement). Adding a scheme is
 one ``register`` call below.
 """
 
@@ -86,7 +86,7 @@ def capability_probes() -> dict[str, QuantScheme]:
 
 def probe(scheme: QuantScheme, device) -> tuple[bool, str]:
     """Quantize a 64x64 Linear with the scheme's bitsandbytes layer and run it on `device`."""
-    from harness.capabilities import try_probe
+    from harness.backends.capabilities import try_probe
 
     if importlib.util.find_spec("bitsandbytes") is None:
         return False, "package bitsandbytes not installed (pip install bitsandbytes)"

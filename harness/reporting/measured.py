@@ -7,7 +7,7 @@ import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
-from harness.predictions import SCALING_CHECK
+from harness.performance.predictions import SCALING_CHECK
 from harness.reporting.elements import Cell, Limits, Plot, Section, Table, cap_rows, model_of, parse_md_table, threshold_text, value_text, verdict_cell, where_text, why_empty
 from harness.reporting.text import byte_unit, fmt_bytes, fmt_int, fmt_num, fmt_pct, is_number
 

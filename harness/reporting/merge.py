@@ -15,7 +15,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from harness.reporting.report import atomic_write, render_run
-from harness.run_times import SuiteTime
+from harness.performance.run_times import SuiteTime
 
 # pytest's "no tests collected": a shard whose share was empty, not a failure of the run
 NO_TESTS_COLLECTED = 5

@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from harness.reporting import text
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 from harness.session import RunSession
 from harness.reporting.elements import Limits, ReportView
 from harness.reporting.view import build_view
@@ -217,9 +217,9 @@ def markdown_within_limit(build, limit: int = MD_LIMIT_BYTES) -> str:
 
 
 def _comparisons(summary: dict, benchmarks: dict | None, baseline, max_regression: str):
-    """Baseline comparisons (harness.regression) of the run's benchmarks: computed when a baseline
+    """Baseline comparisons (harness.performance.regression) of the run's benchmarks: computed when a baseline
     is given, else those stored in results.json by an earlier render."""
-    from harness.regression import Comparison, compare, parse_rule
+    from harness.performance.regression import Comparison, compare, parse_rule
 
     if baseline is not None and benchmarks and benchmarks.get("benchmarks"):
         found = compare(baseline, benchmarks, [f"median:{max_regression}"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections import Counter, OrderedDict, defaultdict
 
-from harness.predictions import SCALING_CHECK
+from harness.performance.predictions import SCALING_CHECK
 from harness.reporting.elements import Cell, Fold, Limits, Section, Table, cap_rows, noise_cell, params_of, parse_md_table, threshold_text, value_text, verdict_cell, where_text
 from harness.reporting.text import (NOISE_LIMIT, clean_reason, fmt_int, fmt_ms, is_number, one_line, shorten,
                                     strip_paths)
@@ -93,7 +93,7 @@ def _anchor(text: str) -> str:
 
 
 def suites_section(summary: dict) -> Section:
-    """Outcomes and where the time went, per suite (harness.run_times: set-up / compile / measure)."""
+    """Outcomes and where the time went, per suite (harness.performance.run_times: set-up / compile / measure)."""
     section = Section("Suites", collapsed=True)
     times = {row["suite"]: row for row in summary.get("suite_times", [])}
     names = list(summary.get("suites", {})) + [n for n in times if n not in summary.get("suites", {}) and n != "total"]

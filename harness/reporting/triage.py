@@ -4,7 +4,7 @@ decided it against its limit, and a next step.
 The classification is the table below and nothing else: a failure is classified by the exception
 that ended it, then by the check name of its failing result (harness.results.Result.check), then
 by the suite file of its node id. Speed regressions come from comparing the run's benchmarks with
-a baseline (harness.regression), not from pytest outcomes.
+a baseline (harness.performance.regression), not from pytest outcomes.
 """
 
 from __future__ import annotations

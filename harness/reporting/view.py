@@ -3,7 +3,7 @@
     build_view(summary, benchmarks, comparisons) -> ReportView
 
 `summary` is results.json, `benchmarks` pytest-benchmark's document (benchmarks.json) and
-`comparisons` harness.regression.Comparison objects against a baseline (optional). The view holds
+`comparisons` harness.performance.regression.Comparison objects against a baseline (optional). The view holds
 plain text; report.md and report.html escape it as they render it (harness.reporting.text,
 the HTML template's autoescape).
 
@@ -31,7 +31,7 @@ from harness.results import INCONCLUSIVE
 
 
 def _weights_fact(model: dict, summary: dict) -> str:
-    """What the run learnt about the weights (the plugin's "weights" row, harness.weights) beats what
+    """What the run learnt about the weights (the plugin's "weights" row, harness.models.weights) beats what
     the model's kind implies: a user's checkpoint can be untrained."""
     if not model.get("trained_weights"):
         return "random weights (equivalence, memory and speed only)"

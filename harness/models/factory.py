@@ -5,8 +5,8 @@ fixture wraps it, turning a refused variant into a skip)."""
 from __future__ import annotations
 
 from harness.errors import VariantRefused
-from harness.memory import release_device_memory
-from harness.model_capabilities import refusal_reason
+from harness.performance.memory import release_device_memory
+from harness.models.capabilities import refusal_reason
 
 
 class ModelFactory:
@@ -33,7 +33,7 @@ class ModelFactory:
         """The variant, loaded on first use. quantization: a hashable name for the scheme;
         quantization_config: the transformers config. Raises VariantRefused (with the reason) for
         a variant transformers refuses for this model, HarnessUsageError for bad input."""
-        from harness.models import load_model
+        from harness.models.loading import load_model
 
         dtype = dtype or self.dtype
         key = (attn_implementation, str(dtype), quantization)

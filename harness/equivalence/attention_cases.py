@@ -1,5 +1,5 @@
 """Kernel-level attention inputs (AttentionCase), the hypothesis strategy over them, and the check every
-kernel suite and the planted-fault tests run on one case (harness.compare's k x eager rule against
+kernel suite and the planted-fault tests run on one case (harness.equivalence.compare's k x eager rule against
 the fp64 reference)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from harness.attention import KernelImpl, eager_attention
+from harness.backends.kernels import KernelImpl, eager_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +130,8 @@ def query_rows_to_compare(case: AttentionCase, device) -> torch.Tensor:
 
 def check_attention_kernel(fn: Callable, case: AttentionCase, *, dtype, device, factor: float, slack_floor: float,
                            name: str = "attention"):
-    """Run ``fn`` on ``case`` and apply harness.compare's k x eager rule against the fp64 eager truth."""
-    from harness.compare import attention_error_check
+    """Run ``fn`` on ``case`` and apply harness.equivalence.compare's k x eager rule against the fp64 eager truth."""
+    from harness.equivalence.compare import attention_error_check
 
     q, k, v, mask = case.tensors(dtype, device)
     kwargs = dict(mask=mask, causal=case.causal, window=case.window)

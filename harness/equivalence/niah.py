@@ -21,10 +21,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.config import read_thresholds_section
+from harness.config import DATA_DIR, read_thresholds_section
 from harness.errors import HarnessUsageError
 
-HAYSTACK_DIR = Path(__file__).parent / "data" / "haystack"
+HAYSTACK_DIR = DATA_DIR / "haystack"
 
 # Keys a model cannot guess from the haystack (Python reference prose): fruits and colours.
 NEEDLE_KEYS = ("the orange kite", "the silver lantern", "the green violin", "the amber compass",

@@ -11,7 +11,7 @@ Measurement (`measure_peak`), per device:
   high-water mark, reset through /proc/self/clear_refs) is recorded beside it and decides nothing:
   it moved with the allocator's history and the machine's load (CI failed 2 of 2 runs on it).
 Measurements nest: an inner block folds its peak into the blocks around it. What the
-measurements are compared with: harness.predictions.
+measurements are compared with: harness.performance.predictions.
 """
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def flash_attn_package_impl(module_name: str, fn_name: str = "flash_attn_func"):
 class KernelImpl:
     """One attention implementation and what inputs it accepts (so strategies draw only those)."""
 
-    name: str  # the capability name in harness.capabilities
+    name: str  # the capability name in harness.backends.capabilities
     fn: Callable
     dense_masks: bool = True  # accepts bool/additive masks (padding)
     additive_masks: bool = True

@@ -1,6 +1,6 @@
 """Greedy runs with and without a KV cache, every cache type transformers offers, assisted and
 prompt-lookup decoding: each returns a GreedyRun (tokens + per-step scores and raw logits) that
-harness.token_agreement compares with the plain no-cache run.
+harness.equivalence.token_agreement compares with the plain no-cache run.
 
 Lengths are forced (min_new_tokens = max_new_tokens = N, N = $HARNESS_NEW_TOKENS, default 32) so
 an early EOS can never make a comparison vacuous. Works with transformers 5.17 and 5.24: 5.24
@@ -78,7 +78,7 @@ def lookup_prompt() -> str:
 
 def chat_inputs(tokenizer, prompt: str, device) -> dict:
     """input_ids/attention_mask of one user turn through the chat template (plain text without one)."""
-    from harness.generation_basics import chat_input_ids
+    from harness.inference.generation_basics import chat_input_ids
 
     return chat_input_ids(tokenizer, prompt, device)
 
@@ -256,7 +256,7 @@ def cache_length(cache) -> int:
 
 def batch_inputs(tokenizer, prompts: list[str], device) -> dict:
     """Chat-templated prompts of different lengths, left-padded into one batch."""
-    from harness.generation_basics import chat_input_ids
+    from harness.inference.generation_basics import chat_input_ids
 
     rows = [chat_input_ids(tokenizer, p, "cpu")["input_ids"][0] for p in prompts]
     side = tokenizer.padding_side

@@ -1,6 +1,6 @@
 """Each layer's attention call, made the way the model makes it, on the same inputs for every backend.
 
-Why: the end-to-end rule (harness.attention_model.compare_model_outputs) measures hidden states after the
+Why: the end-to-end rule (harness.equivalence.attention_model.compare_model_outputs) measures hidden states after the
 whole network. In bf16 the network's own rounding (every matmul, norm and MLP) dominates eager's
 distance to the reference, so a systematic attention error of a few percent hides in it (H200:
 a softmax scale 3 % too large passed every model-level test in bf16). Here only the attention
@@ -15,10 +15,10 @@ call differs:
    that function swaps in the recorded query/key/value of the same module and call before
    calling it, so the backend's integration layer (mask format, GQA, scaling, window, padding)
    runs on exactly eager's inputs;
-3. the truth is eager attention in float64 on the same inputs (harness.attention's reference
+3. the truth is eager attention in float64 on the same inputs (harness.backends.kernels's reference
    kernel, with eager's mask).
 
-Each layer's output is then judged by harness.compare with two statistics: the max error (the
+Each layer's output is then judged by harness.equivalence.compare with two statistics: the max error (the
 flash-attn rule, ``attention_error_factor``) and the RMS error (``attention_rms_factor``), which
 a bias spread over every position raises even where the max of bf16 rounding hides it.
 Padding query rows are excluded (their output is undefined).
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.attention_model import _reference_attention_forward, padded_position_ids
+from harness.equivalence.attention_model import _reference_attention_forward, padded_position_ids
 
 
 class DispatchNotRecorded(RuntimeError):
@@ -165,7 +165,7 @@ def reference_outputs(eager_calls: LayerCalls, dtype=torch.float64) -> list[torc
 @dataclass(frozen=True)
 class LayerAttentionVerdict:
     """The first call that breaks a rule (``deciding``), or when all pass the tightest call per
-    statistic. ``deciding[statistic]`` is a harness.compare.Verdict: error / allowed <= 1 passes."""
+    statistic. ``deciding[statistic]`` is a harness.equivalence.compare.Verdict: error / allowed <= 1 passes."""
 
     passed: bool
     message: str
@@ -174,9 +174,9 @@ class LayerAttentionVerdict:
 
 def compare_layer_calls(outputs, eager_calls: LayerCalls, refs, mask, *, max_factor: float, rms_factor: float,
                         slack: float, name: str) -> LayerAttentionVerdict:
-    """Both statistics of harness.compare on every recorded call; the first failing call names
+    """Both statistics of harness.equivalence.compare on every recorded call; the first failing call names
     its layer, step, statistic, value and limit. Padding query rows are not compared."""
-    from harness.compare import compare_tensors
+    from harness.equivalence.compare import compare_tensors
 
     tightest: dict = {}
     for index, (out, call, ref) in enumerate(zip(outputs, eager_calls.calls, refs)):

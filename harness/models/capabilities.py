@@ -1,6 +1,6 @@
 """What the model under test accepts, asked of transformers before any test runs.
 
-The device's capability matrix (harness.capabilities) says which backends this machine can run; this
+The device's capability matrix (harness.backends.capabilities) says which backends this machine can run; this
 says which of them this model's transformers code accepts. Each attn_implementation the device can
 run is tried by building the model from its config on the meta device (no weights read, a fraction
 of a second), so the answer and its reason are transformers' own check, not a table kept here. A
@@ -9,7 +9,7 @@ package that is missing is the device's row, not the model's, and is left out.
 
 from __future__ import annotations
 
-from harness.capabilities import Capability
+from harness.backends.capabilities import Capability
 
 
 def model_category(model_name: str) -> str:
@@ -30,7 +30,7 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
 
     from harness.backends.attention import ATTENTION_BACKENDS
     from harness.backends.cache import supports_static_cache
-    from harness.models import first_line, model_config
+    from harness.models.loading import first_line, model_config
 
     category = model_category(spec.name)
     try:

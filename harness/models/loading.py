@@ -21,7 +21,7 @@ from pathlib import Path
 
 from harness.config import DEFAULT_MODEL, cache_root
 from harness.errors import HarnessUsageError, VariantRefused
-from harness.presets import PRESETS, TINY_PRESETS, get_preset
+from harness.models.presets import PRESETS, TINY_PRESETS, get_preset
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "harness-manifest.json"
@@ -258,7 +258,7 @@ def model_source_dir(spec: ModelSpec) -> str:
 def model_config(spec: ModelSpec):
     """The transformers config of the model under test, without its weights."""
     if spec.kind == "preset":
-        from harness.presets import get_preset
+        from harness.models.presets import get_preset
 
         return get_preset(spec.name).make_config()
     from transformers import AutoConfig
@@ -292,7 +292,7 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
     if spec.kind == "preset":
         if quantization_config is not None:
             raise HarnessUsageError(f"{spec.name}: quantised variants of presets are not supported; use a trained model")
-        from harness.presets import build_preset
+        from harness.models.presets import build_preset
 
         return build_preset(spec.name, device, dtype, attn_implementation=attn_implementation)
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, local_files_only=True,

@@ -1,13 +1,13 @@
 """Size the references and comparisons the harness builds itself, before building them (issue 13).
 
 Rule: no reference or comparison that the harness itself builds may run out of memory on a card
-where the model under test fits. A model-level comparison (harness.attention_model.compare_model_outputs)
+where the model under test fits. A model-level comparison (harness.equivalence.attention_model.compare_model_outputs)
 holds, besides the variants under test, the eager baseline's activations, an upcast copy of the
 weights (float32 on GPU: twice a bf16 model), that copy's activations (every layer's hidden states
 and the eager N x N scores, in the wider dtype) and float64 temporaries of the comparison itself.
 At a model's whole window that can be far more than the model needs (random:llama-7b, 16384
 tokens: 156 GiB predicted beside the 25 GiB of its two bf16 variants; an H200 has 139 GiB), so the
-harness predicts it from harness.memory's predictions, before building anything, and picks, in
+harness predicts it from harness.performance.memory's predictions, before building anything, and picks, in
 this order of preference:
 
 1. ``device``: the reference on the device over the longest prompt that fits (the whole window
@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 from harness.config import format_bytes
-from harness.memory import release_device_memory
+from harness.performance.memory import release_device_memory
 
 __all__ = ["ComparisonShape", "comparison_shape", "predict_comparison_bytes", "ReferencePlan", "plan_reference",
            "device_memory_available", "host_memory_available", "plan_model_reference", "upcast_copy",
@@ -51,14 +51,14 @@ PLACEMENT_WORDS = {"device": "on the device", "layers": "layer by layer (decoder
 # and what the prediction leaves out (small per-layer temporaries).
 HEADROOM_FRACTION = 0.10
 HEADROOM_BYTES = 1 << 30
-# Live batch x heads x N x N score tensors at the peak of harness.attention.eager_attention (the
+# Live batch x heads x N x N score tensors at the peak of harness.backends.kernels.eager_attention (the
 # reference attention): scores, the softmax probabilities, and the fully-masked-rows `where`.
 REFERENCE_LIVE_SCORES = 3
-# Live float64 (batch, tokens, width) tensors at the peak of harness.compare.compare_tensors: the
+# Live float64 (batch, tokens, width) tensors at the peak of harness.equivalence.compare.compare_tensors: the
 # kept |out - ref| plus max_abs_error's two upcast operands and their difference.
 COMPARE_LIVE_FLOAT64 = 4
 # Score matrices (in the run's dtype) that transformers' eager attention holds on CUDA beyond
-# harness.memory's prediction: H200, random:llama-7b, bf16, 13056 tokens, measured 54.7 GiB against
+# harness.performance.memory's prediction: H200, random:llama-7b, bf16, 13056 tokens, measured 54.7 GiB against
 # 46.2 GiB predicted for the eager forward, ~0.85 of one 10.2 GiB score matrix more (softmax's float32
 # copy of its input beside its float32 output).
 EAGER_EXTRA_SCORES = 1
@@ -95,9 +95,9 @@ class ComparisonShape:
 
 
 def comparison_shape(config, dtype, reference_dtype, batch: int = 1, kv_cache: bool = False) -> ComparisonShape:
-    """ComparisonShape from a transformers config, through harness.predictions.
+    """ComparisonShape from a transformers config, through harness.performance.predictions.
     ``kv_cache``: the forwards' outputs keep their KV cache (transformers' default use_cache)."""
-    from harness.predictions import (attention_shape, parameter_counts, predict_eager_attention_peak_bytes,
+    from harness.performance.predictions import (attention_shape, parameter_counts, predict_eager_attention_peak_bytes,
                                      predict_kv_cache_bytes, predict_weight_bytes)
 
     counts = parameter_counts(config)
@@ -382,7 +382,7 @@ def planned_reference(model, plan: ReferencePlan, reference_dtype):
     """Yields the upcast reference of ``model`` placed as ``plan`` says (``layers``: its decoder
     layers stream from host memory during every forward inside the block; ``cpu``: on the CPU, so
     its inputs must be there). Its weights are released when the block ends."""
-    from harness.attention_model import upcast_reference
+    from harness.equivalence.attention_model import upcast_reference
 
     if plan.placement not in PLACEMENTS:
         raise ValueError(f"placement {plan.placement!r}: one of {PLACEMENTS}")
@@ -400,7 +400,7 @@ def planned_reference(model, plan: ReferencePlan, reference_dtype):
 def reference_outputs(model, input_ids, attention_mask, plan: ReferencePlan, reference_dtype):
     """The upcast reference's forward (every hidden state and the logits, no KV cache) as ``plan``
     says, returned on the inputs' device; the reference's weights are released before returning."""
-    from harness.attention_model import model_forward, reference_context
+    from harness.equivalence.attention_model import model_forward, reference_context
 
     device = input_ids.device
     with planned_reference(model, plan, reference_dtype) as reference:

@@ -16,7 +16,7 @@ This module adds what those options cannot do: compare the figures the benchmark
 `extra_info` (tokens/s, MBU, MFU: higher is better), and compare two JSON files that live
 anywhere (a committed baseline with a run's reports/<run>/benchmarks.json):
 
-    python -m harness.regression perf/.../0001_h100-baseline.json reports/latest/benchmarks.json \\
+    python -m harness.performance.regression perf/.../0001_h100-baseline.json reports/latest/benchmarks.json \\
         --fail median:10% --fail extra_info.decode_tokens_per_s:10%
 
 Rule syntax is pytest-benchmark's `FIELD:PERCENT%` or `FIELD:ABSOLUTE`: fail when FIELD got worse
@@ -129,7 +129,7 @@ def compare(baseline, current, rules) -> list[Comparison]:
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m harness.regression", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.performance.regression", description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", help="pytest-benchmark JSON of the baseline run")
     parser.add_argument("current", help="pytest-benchmark JSON of the run to judge")
     parser.add_argument("--fail", action="append", default=None, metavar="RULE",

@@ -1,4 +1,4 @@
-"""A served request against the same request decoded alone, by harness.token_agreement's rule.
+"""A served request against the same request decoded alone, by harness.equivalence.token_agreement's rule.
 
 The serving path returns each request's tokens and the log-probability of each chosen token, not
 logits. So the rule is applied to what it returns:
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from harness.generation import GreedyRun
-from harness.token_agreement import IDENTICAL, LOGITS_MISMATCH, TokenAgreement, compare_runs
+from harness.inference.generation import GreedyRun
+from harness.equivalence.token_agreement import IDENTICAL, LOGITS_MISMATCH, TokenAgreement, compare_runs
 
 
 def rescored_run(model, prompt: list[int], tokens: list[int], eos_ids: list[int], label: str) -> GreedyRun:
@@ -58,7 +58,7 @@ def logprob_bounds(reference: GreedyRun, tokens: list[int], logprobs: list[float
 
 def served_agreement(reference: GreedyRun, served, *, model, eos_ids: list[int], label: str, dtype_name: str,
                      tolerances, decode=None) -> TokenAgreement:
-    """Apply the rule to one served request (a harness.serving.ServedRequest). `model` rescoring
+    """Apply the rule to one served request (a harness.inference.serving.ServedRequest). `model` rescoring
     the served continuation where its tokens differ from the reference's (module docstring)."""
     import torch
 

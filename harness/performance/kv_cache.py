@@ -1,5 +1,5 @@
 """The bytes a real KV-cache object holds, per layer and in total (the formula they are compared
-with is harness.predictions.kv_cache_bytes)."""
+with is harness.performance.predictions.kv_cache_bytes)."""
 
 from __future__ import annotations
 

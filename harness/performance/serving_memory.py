@@ -2,7 +2,7 @@
 
 A paged cache is `num_blocks` blocks of `block_size` token slots for every layer, plus two
 reserved blocks (transformers keeps a read-trash and a write-trash block that padding tokens use),
-so its storage is harness.kv_cache's formula with seq_len = block_size x (num_blocks + 2), batch 1.
+so its storage is harness.performance.kv_cache's formula with seq_len = block_size x (num_blocks + 2), batch 1.
 A request holding L tokens of KV (prompt + generated - 1: the last token is never fed back) needs
 ceil(L / block_size) blocks, or ceil(min(L, window) / block_size) in a sliding-window layer group.
 
@@ -18,7 +18,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 
-from harness import predictions
+from harness.performance import predictions
 
 # transformers' read-trash and write-trash blocks: 5.17 adds 2 blocks; 5.24 2 sectors, a sector being
 # lcm(block bytes, 128) bytes, i.e. one block whenever a block's bytes are a multiple of 128 (every

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from harness.attention import eager_attention
+from harness.backends.kernels import eager_attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,13 +49,13 @@ def upcast_reference(model, dtype=torch.float64, device=None, layers_device=None
 
     The copy is made tensor by tensor straight into ``dtype`` (no second copy in the model's
     dtype), on ``device`` (default: the model's), decoder layers on ``layers_device`` (default:
-    ``device``; harness.reference_sizing streams them from there). How big a reference a device
-    can take, and which placement to use, is harness.reference_sizing's business.
+    ``device``; harness.models.reference_sizing streams them from there). How big a reference a device
+    can take, and which placement to use, is harness.models.reference_sizing's business.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from harness.reference_sizing import upcast_copy
+    from harness.models.reference_sizing import upcast_copy
 
     AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention_forward)
     AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)  # bool masks (True = attend) or None
@@ -128,7 +128,7 @@ def known_disagreement(config) -> str | None:
 
 
 def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, tolerances, name: str):
-    """(layers verdict, logits verdict) of harness.compare's k x eager rule; padding excluded. The
+    """(layers verdict, logits verdict) of harness.equivalence.compare's k x eager rule; padding excluded. The
     numbers are the run's Tolerances: model_error_factor (k), attention_abs_slack, reference_logit_gap.
 
     Raises ValueError when the reference cannot be the same weights, since then the rule would
@@ -136,7 +136,7 @@ def compare_model_outputs(out, eager_out, reference_out, attention_mask, *, tole
     logits may be at most ``reference_logit_gap`` x the largest reference logit away from the
     reference at the median position (see Tolerances.reference_logit_gap for the measured values).
     """
-    from harness.compare import (compare_tensors, first_diverging_layer, max_abs_error, reference_rounding,
+    from harness.equivalence.compare import (compare_tensors, first_diverging_layer, max_abs_error, reference_rounding,
                                  typical_position_error)
 
     factor, slack, max_reference_gap = (tolerances.model_error_factor, tolerances.attention_abs_slack,

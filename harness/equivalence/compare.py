@@ -233,7 +233,7 @@ def first_diverging_layer(hidden_states_impl, hidden_states_eager, hidden_states
     return Verdict(**{**tightest.__dict__, "message": f"all {n} layers within the rule; tightest {tightest.message}"})
 
 def error_over_allowed(*verdicts) -> float:
-    """The quantity harness.compare's k x eager rule decides on, for result rows: the largest
+    """The quantity harness.equivalence.compare's k x eager rule decides on, for result rows: the largest
     error / allowed error (allowed = k x eager's error + slack) of ``verdicts``; every verdict
     passes exactly when this is <= 1. (Verdict.ratio, error / eager's error, is not decisive: the
     slack lets a near-exact eager be far exceeded in ratio by an error still within rounding.)"""

@@ -1,6 +1,6 @@
-"""One rank of a tensor-parallel run; `torchrun` starts one process per rank (harness.distributed).
+"""One rank of a tensor-parallel run; `torchrun` starts one process per rank (harness.inference.distributed).
 
-    python -m torch.distributed.run --standalone --nproc-per-node=N -m harness.tp_worker --job JOB --out DIR
+    python -m torch.distributed.run --standalone --nproc-per-node=N -m harness.inference.tp_worker --job JOB --out DIR
 
 Each model of the job is loaded with transformers' own tensor parallelism (tp_plan="auto": the
 model's base_model_tp_plan, colwise q/k/v/gate/up, rowwise o/down, lm_head gathered), on
@@ -16,7 +16,7 @@ import inspect
 import os
 from pathlib import Path
 
-from harness.distributed import TPJob, error_path, force_multicast_off, result_path
+from harness.inference.distributed import TPJob, error_path, force_multicast_off, result_path
 
 # A factor far outside any rounding: a scaled shard must fail every comparison rule.
 FAULT_SHARD_SCALE = 1.25
@@ -71,11 +71,11 @@ def plant_shard_fault(model, rank: int, world_size: int) -> str:
 
 def forward_and_greedy(model, input_ids, new_tokens: int, pad_token_id: int, label: str):
     """What a TP run is judged by: the forward's logits on the prompt (positions x vocab, float32 on
-    the CPU) and harness.generation's greedy run forced to `new_tokens`. The single-device
+    the CPU) and harness.inference.generation's greedy run forced to `new_tokens`. The single-device
     reference runs this same function."""
     import torch
 
-    from harness.generation import greedy
+    from harness.inference.generation import greedy
 
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -117,7 +117,7 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--job", required=True, type=Path, help="JSON written by harness.distributed.TPJob")
+    parser.add_argument("--job", required=True, type=Path, help="JSON written by harness.inference.distributed.TPJob")
     parser.add_argument("--out", required=True, type=Path, help="directory for results and per-rank errors")
     args = parser.parse_args(argv)
     force_multicast_off(os.environ)  # also when started by hand, with an environment of its own

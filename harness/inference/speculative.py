@@ -1,13 +1,13 @@
 """Decoding shortcuts that must not change greedy output: assisted (speculative) decoding with a
 draft model (a truncated copy of the target, or a small preset sharing its vocabulary) and
-prompt-lookup decoding; the runs go through harness.generation's forced-length greedy run."""
+prompt-lookup decoding; the runs go through harness.inference.generation's forced-length greedy run."""
 
 from __future__ import annotations
 
 import copy
 
 from harness.errors import HarnessUsageError
-from harness.generation import GreedyRun, greedy
+from harness.inference.generation import GreedyRun, greedy
 
 
 
@@ -54,7 +54,7 @@ def small_preset_assistant(model, preset: str = "tiny:llama"):
     """A different, smaller model sharing the target's vocabulary: a 1-layer copy of a tiny preset.
     Its drafts are mostly wrong, which exercises the rejection path that a truncated copy of a
     degenerate random model (always the same token) may never reach."""
-    from harness.presets import TOKENIZER_VOCAB, build_preset
+    from harness.models.presets import TOKENIZER_VOCAB, build_preset
 
     vocab = model.config.get_text_config(decoder=True).vocab_size
     if vocab != TOKENIZER_VOCAB:

@@ -1,8 +1,8 @@
 """The serving path: transformers' continuous batching (`generate_batch`, `init_continuous_batching`)
 with a paged KV cache, run so that each request's output can be compared with the same request
-decoded alone (harness.serving_compare) and the paged cache measured (harness.serving_memory).
+decoded alone (harness.equivalence.serving_compare) and the paged cache measured (harness.performance.serving_memory).
 
-Lengths are forced as in harness.generation: every request generates exactly N tokens because
+Lengths are forced as in harness.inference.generation: every request generates exactly N tokens because
 the end-of-sequence ids are suppressed (the processing min_new_tokens applies to the reference)
 and stopping on them is disabled. Greedy only; log-probabilities of the chosen tokens are returned
 (the serving path's only per-step scores). CUDA graphs stay off (the paged bookkeeping under test
@@ -295,7 +295,7 @@ def probe_implementation(impl: str, device_text: str, dtype_text: str) -> str | 
     exception it raised): probed by trying, once per run."""
     import torch
 
-    from harness.presets import build_preset
+    from harness.models.presets import build_preset
 
     try:
         model = build_preset("tiny:llama", torch.device(device_text), getattr(torch, dtype_text),

@@ -4,7 +4,7 @@ Per run of B concurrent requests of different prompt lengths, each generating ex
 throughput = B x N / wall seconds; TTFT per request = its first token's host timestamp minus its
 submission; TPOT = the gaps between its tokens. Continuous batching records those per request
 (`record_timestamps`); generate() on a padded batch gives every row the same stamps (one streamer,
-harness.timing.TokenClock). Host perf_counter stamps: each is taken after the tokens reached the
+harness.performance.timing.TokenClock). Host perf_counter stamps: each is taken after the tokens reached the
 host, so the device work before it is complete.
 """
 
@@ -14,8 +14,8 @@ import math
 import time
 from dataclasses import dataclass
 
-from harness import serving
-from harness.timing import TokenClock, percentile, synchronize
+from harness.inference import serving
+from harness.performance.timing import TokenClock, percentile, synchronize
 
 
 @dataclass(frozen=True)

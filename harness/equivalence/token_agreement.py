@@ -157,7 +157,7 @@ def compare_greedy(reference_tokens: Sequence[int], reference_scores, reference_
 
 def compare_runs(reference, candidate, *, dtype_name: str, tolerances,
                  decode: Callable[[int], str] | None = None) -> TokenAgreement:
-    """compare_greedy for two harness.generation.GreedyRun objects (their labels name them)."""
+    """compare_greedy for two harness.inference.generation.GreedyRun objects (their labels name them)."""
     return compare_greedy(reference.tokens, reference.scores, reference.logits,
                           candidate.tokens, candidate.scores, candidate.logits,
                           dtype_name=dtype_name, tolerances=tolerances, reference_label=reference.label,

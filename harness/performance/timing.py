@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 
 
 def _cuda_in_use() -> bool:
@@ -255,7 +255,7 @@ def replay_times(benchmark, seconds, clock: ReplayClock = replay_clock) -> None:
             benchmark.has_error = True  # keeps the rounds of whatever timer ran out of the JSON and comparisons
             raise RuntimeError(
                 f"the benchmark's timer returned {clock.delivered} of {len(seconds)} replayed durations: mark the test "
-                f"@pytest.mark.benchmark(timer=harness.timing.{clock.__name__}) (the closest benchmark marker wins)")
+                f"@pytest.mark.benchmark(timer=harness.performance.timing.{clock.__name__}) (the closest benchmark marker wins)")
     finally:
         clock.load(())
 

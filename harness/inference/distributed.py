@@ -4,7 +4,7 @@ Everything started from here runs with NVLink multicast (NVLS) off in NCCL, PyTo
 memory and NVSHMEM: on shared multi-GPU hosts a program that uses multicast can put the host's GPUs
 out of service for a day or more, and nothing this harness measures needs it.
 
-The tensor-parallel (TP) run itself is `harness.tp_worker`, started by `torchrun`; it writes rank
+The tensor-parallel (TP) run itself is `harness.inference.tp_worker`, started by `torchrun`; it writes rank
 0's logits and greedy run to a file that `run_tensor_parallel` reads back as `TPResult`s.
 `TPSession` is the parent side of suites/test_tensor_parallel.py (inputs, launches, the
 single-device reference) and `compare_prompt_logits` its logits rule.
@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.capabilities import dtype_name
+from harness.backends.capabilities import dtype_name
 from harness.errors import HarnessUsageError
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -44,10 +44,10 @@ def force_multicast_off(environ) -> None:
 
 def launch_env(base: dict | None = None) -> dict[str, str]:
     """The environment for a process the harness starts: `base` (default os.environ), multicast off,
-    and this checkout importable, so `python -m harness.tp_worker` works without a pip install."""
+    and this checkout importable, so `python -m harness.inference.tp_worker` works without a pip install."""
     env = dict(os.environ if base is None else base)
     force_multicast_off(env)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in paths if p != root])
     return env
@@ -216,7 +216,7 @@ class TPModel:
 
 @dataclass(frozen=True)
 class TPJob:
-    """What harness.tp_worker runs: every model once over `ranks` processes, in one launch (a launch
+    """What harness.inference.tp_worker runs: every model once over `ranks` processes, in one launch (a launch
     costs interpreter and process-group start-up, most of a CPU run's time)."""
 
     ranks: int
@@ -240,8 +240,8 @@ class TPResult:
     """Rank 0's view of one model's TP run, on the CPU.
 
     logits: the forward on the prompt (positions x vocab, float32), gathered over the vocabulary;
-    greedy: a harness.generation.GreedyRun of the continuation (tokens, per-step scores and logits),
-    for harness.token_agreement; local_parameters: elements rank 0 holds (fewer than the model's
+    greedy: a harness.inference.generation.GreedyRun of the continuation (tokens, per-step scores and logits),
+    for harness.equivalence.token_agreement; local_parameters: elements rank 0 holds (fewer than the model's
     when TP really split it); fault_note: what a planted fault changed, else "".
     """
 
@@ -263,21 +263,21 @@ def error_path(out_dir: Path, rank: int) -> Path:
 
 
 def run_tensor_parallel(job: TPJob, *, timeout_s: float = 900, out_dir: Path | None = None) -> dict[str, TPResult]:
-    """Launch harness.tp_worker under torchrun for `job`; return {model name: TPResult}.
+    """Launch harness.inference.tp_worker under torchrun for `job`; return {model name: TPResult}.
 
     A failed run raises RuntimeError whose first line names the model, the rank and the error the
     worker caught (the full torchrun output follows, for the traceback).
     """
     import torch
 
-    from harness.generation import GreedyRun
+    from harness.inference.generation import GreedyRun
 
     with tempfile.TemporaryDirectory(prefix="harness-tp-") as tmp:
         out = Path(out_dir or tmp)
         out.mkdir(parents=True, exist_ok=True)
         job_file = out / "job.json"
         job_file.write_text(job.to_json())
-        cmd = torchrun_command(job.ranks, "harness.tp_worker", ["--job", str(job_file), "--out", str(out)])
+        cmd = torchrun_command(job.ranks, "harness.inference.tp_worker", ["--job", str(job_file), "--out", str(out)])
         output, returncode = _run_process_group(cmd, launch_env(), timeout_s)
         errors = [error_path(out, r).read_text().strip() for r in range(job.ranks) if error_path(out, r).is_file()]
         if returncode != 0 or errors:
@@ -328,8 +328,8 @@ def model_config(spec):
     """The transformers config of a ModelSpec, without loading weights."""
     from transformers import AutoConfig
 
-    from harness.models import model_source_dir
-    from harness.presets import get_preset
+    from harness.models.loading import model_source_dir
+    from harness.models.presets import get_preset
 
     if spec.kind == "preset":
         return get_preset(spec.name).make_config()
@@ -379,7 +379,7 @@ class TPSession:
                 generator = torch.Generator().manual_seed(self.seed)
                 ids = torch.randint(3, self.config(spec).vocab_size, (RANDOM_PROMPT_LENGTH,), generator=generator)
             else:
-                from harness.generation import chat_inputs, prompt_for_seed
+                from harness.inference.generation import chat_inputs, prompt_for_seed
 
                 ids = chat_inputs(tokenizer, prompt_for_seed(self.seed), "cpu")["input_ids"][0]
             self._inputs[spec.name] = tuple(ids.tolist())
@@ -388,7 +388,7 @@ class TPSession:
     def pad_token_id(self, spec) -> int | None:
         tokenizer = self.tokenizer_for(spec)
         if tokenizer is not None:
-            from harness.generation import pad_id
+            from harness.inference.generation import pad_id
 
             return pad_id(tokenizer)
         config = self.config(spec)
@@ -398,10 +398,10 @@ class TPSession:
         """What the ranks' from_pretrained reads. Presets are built as the harness's model loader
         builds them (same seed, same device, hence the same weights) and saved once."""
         if spec.name not in self._sources:
-            from harness.models import model_source_dir
+            from harness.models.loading import model_source_dir
 
             if spec.kind == "preset":
-                from harness.presets import build_preset
+                from harness.models.presets import build_preset
 
                 folder = self.workdir / spec.name.replace(":", "-")
                 model = build_preset(spec.name, self.device, self.dtype)
@@ -431,7 +431,7 @@ class TPSession:
     def single_device(self, spec, load_model) -> SingleDeviceRun:
         """load_model(): the harness's eager model in the run's dtype on the run's device."""
         if spec.name not in self._references:
-            from harness.tp_worker import forward_and_greedy
+            from harness.inference.tp_worker import forward_and_greedy
 
             model = load_model()
             logits, run = forward_and_greedy(model, self.prompt_ids(spec), self.new_tokens, self.pad_token_id(spec),
@@ -453,10 +453,10 @@ class LogitsAgreement:
 
 
 def compare_prompt_logits(reference, candidate, *, dtype_name: str, tolerances, label: str) -> LogitsAgreement:
-    """The greedy rule's logits bound (harness.token_agreement: max |candidate - reference| <=
+    """The greedy rule's logits bound (harness.equivalence.token_agreement: max |candidate - reference| <=
     Tolerances.generation_logit_rel(dtype) x max |reference|, per row) applied to every position of
     a forward over the prompt. reference, candidate: positions x vocab."""
-    from harness.token_agreement import relative_logit_error
+    from harness.equivalence.token_agreement import relative_logit_error
 
     limit = tolerances.generation_logit_rel(dtype_name)
     if tuple(reference.shape) != tuple(candidate.shape):

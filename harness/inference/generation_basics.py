@@ -27,7 +27,7 @@ def chat_greedy(model, tokenizer, prompt: str, max_new_tokens: int = 32, min_new
 
 
 def gguf_header_for(spec) -> dict | None:
-    from harness.models import check_gguf, default_gguf_path
+    from harness.models.loading import check_gguf, default_gguf_path
 
     if spec.kind == "default":
         return check_gguf(default_gguf_path())

@@ -25,13 +25,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness.backends.quantization import get_scheme
-from harness.config import read_thresholds_section
+from harness.config import DATA_DIR, read_thresholds_section
 from harness.errors import HarnessUsageError
 
-CORPUS_DIR = Path(__file__).parent / "data" / "corpus"
+CORPUS_DIR = DATA_DIR / "corpus"
 MIN_SCORED_TOKENS = 100
 KLD_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 50.0, 10.0, 5.0, 1.0, 0.1)
 DELTA_P_PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
@@ -577,7 +576,7 @@ def greedy_tokens(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
     """Greedy answer forced to exactly `new_tokens` tokens (min_new_tokens), on the chat template."""
     import torch
 
-    from harness.generation_basics import chat_input_ids
+    from harness.inference.generation_basics import chat_input_ids
 
     inputs = chat_input_ids(tokenizer, prompt, model.device)
     with torch.inference_mode():

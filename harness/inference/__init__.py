@@ -1,0 +1,4 @@
+"""The inference paths under test, each returning plain data the equivalence rules compare:
+greedy ``generation`` with every cache type, ``speculative`` (assisted and prompt-lookup) decoding,
+continuous-batching ``serving``, and tensor-parallel runs (``distributed``, one ``tp_worker`` per rank).
+"""
