@@ -16,6 +16,7 @@ import inspect
 import os
 from pathlib import Path
 
+from harness.errors import first_line
 from harness.inference.distributed import TPJob, error_path, force_multicast_off, result_path
 
 # A factor far outside any rounding: a scaled shard must fail every comparison rule.
@@ -102,17 +103,12 @@ def run_job(job: TPJob, out_dir: Path, rank: int, world_size: int) -> None:
             logits, run = forward_and_greedy(model, spec.input_ids, job.new_tokens, spec.pad_token_id,
                                              label=f"tensor parallel x{world_size}")
         except Exception as exc:
-            raise RuntimeError(f"{spec.name}: {type(exc).__name__}: {_first_line(exc)}") from exc
+            raise RuntimeError(f"{spec.name}: {type(exc).__name__}: {first_line(exc)}") from exc
         if rank == 0:
             torch.save({"logits": logits, "tokens": torch.tensor(run.tokens), "scores": run.scores,
                         "step_logits": run.logits, "local_parameters": local_parameter_count(model),
                         "device": str(model.device), "fault_note": fault_note}, result_path(out_dir, index))
         del model
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_job(job, args.out, rank, world_size)
     except BaseException as exc:
-        error_path(args.out, rank).write_text(f"rank {rank}: {_first_line(exc)}\n")
+        error_path(args.out, rank).write_text(f"rank {rank}: {first_line(exc)}\n")
         raise
     finally:
         import torch.distributed as dist

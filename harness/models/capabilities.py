@@ -30,7 +30,8 @@ def probe_model(spec, device_caps) -> tuple[Capability, ...]:
 
     from harness.backends.attention import ATTENTION_BACKENDS
     from harness.backends.cache import supports_static_cache
-    from harness.models.loading import first_line, model_config
+    from harness.errors import first_line
+    from harness.models.loading import model_config
 
     category = model_category(spec.name)
     try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import DEFAULT_MODEL, cache_root
-from harness.errors import HarnessUsageError, VariantRefused
+from harness.errors import HarnessUsageError, VariantRefused, first_line
 from harness.models.presets import PRESETS, TINY_PRESETS, get_preset
 
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -319,8 +319,3 @@ def load_model(spec: ModelSpec, *, device, dtype, attn_implementation: str = "ea
         model.to(torch.device(device))
     model.eval()
     return model
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
