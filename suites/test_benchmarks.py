@@ -22,11 +22,13 @@ import statistics
 import pytest
 import torch
 
+from harness.backends.attention import benchmarked_backends
 from harness.backends.capabilities import dtype_name
 from harness.performance.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
-from harness.performance.timing import (TokenClock, decode_bytes_per_step, device_timer, do_bench_times, measure_device_peaks,
-                            percentile, prefill_flops, replay_clock, replay_times, time_calls, utilisation)
+from harness.performance.timing import (TokenClock, device_timer, do_bench_times, percentile, replay_clock, replay_times,
+                                        time_calls)
+from harness.performance.utilisation import decode_bytes_per_step, measure_device_peaks, prefill_flops, utilisation
 
 # pytest-benchmark reads only the closest `benchmark` marker, so every one repeats the timer.
 SYNCED = {"timer": device_timer, "disable_gc": True}
@@ -38,7 +40,7 @@ pytestmark = [pytest.mark.benchmark(group="generate", **SYNCED), pytest.mark.exc
 SHAPE = {"cpu": {"prompt": 16, "new_tokens": 4, "rounds": 2, "warmup": 1},
          "cuda": {"prompt": 512, "new_tokens": 32, "rounds": 3, "warmup": 1}}
 CPU_MAX_BATCH = 1
-ATTN = ["eager", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.needs("flash_attention_2"))]
+ATTN = [pytest.param(b.attn_implementation, marks=pytest.mark.needs(b.name)) for b in benchmarked_backends()]
 # 1 and 16 are the quick gate's pair (latency alone, a batch where the GPU is busy); 4 and 64 fill
 # in the curve in the full profile (each decode level is ~4 s of the H200 gate, ~1/4 of the
 # exclusive phase the gate runs alone on the device)

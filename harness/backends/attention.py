@@ -37,6 +37,9 @@ class AttentionBackend:
     cuda_limits: dict = field(default_factory=dict)  # KernelImpl fields its CUDA kernels restrict
     cuda_dtypes: tuple[str, ...] | None = None  # dtypes its CUDA kernels compute in (None: every one)
     compiles_model_per_shape_on_cpu: bool = False  # transformers compiles it with inductor per shape
+    # The speed suite times generate() with this record's attn_implementation (once per implementation:
+    # the first benchmarked record of it names the capability the benchmark needs)
+    benchmarked: bool = False
 
     def capability(self, device, dtype) -> Capability:
         available, reason = self.probe(device, dtype)
@@ -61,6 +64,15 @@ def register(backend: AttentionBackend) -> AttentionBackend:
 def fused_backends() -> list[str]:
     """Every backend the suites compare against eager."""
     return [name for name in ATTENTION_BACKENDS if name != "eager"]
+
+
+def benchmarked_backends() -> list[AttentionBackend]:
+    """The records whose attn_implementation the speed suite times, one per implementation."""
+    seen: dict[str, AttentionBackend] = {}
+    for backend in ATTENTION_BACKENDS.values():
+        if backend.benchmarked:
+            seen.setdefault(backend.attn_implementation, backend)
+    return list(seen.values())
 
 
 def model_attention(name: str) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
@@ -144,7 +156,8 @@ def _sdpa_context(sdp_backend: str):
 # ---------------------------------------------------------------------------------------------
 # The registry
 
-register(AttentionBackend("eager", KernelImpl("eager", eager_attention), "eager", _always("plain PyTorch matmul + softmax")))
+register(AttentionBackend("eager", KernelImpl("eager", eager_attention), "eager", _always("plain PyTorch matmul + softmax"),
+                          benchmarked=True))
 
 
 def _sdpa(name: str, sdp_backend: str, **kwargs) -> AttentionBackend:
@@ -158,7 +171,9 @@ def _sdpa(name: str, sdp_backend: str, **kwargs) -> AttentionBackend:
 # causal flag, and no float32
 _FUSED_SDPA_ON_CUDA = dict(cuda_limits=dict(dense_masks=False, windows=False, causal_square_only=True),
                            cuda_dtypes=("float16", "bfloat16"))
-_sdpa("sdpa_math", "MATH")
+# The speed suite times transformers' "sdpa" as users run it (PyTorch picks the kernel); the math
+# kernel, present on every device, is the capability that entry needs
+_sdpa("sdpa_math", "MATH", benchmarked=True)
 _sdpa("sdpa_efficient", "EFFICIENT_ATTENTION")
 _sdpa("sdpa_flash", "FLASH_ATTENTION", **_FUSED_SDPA_ON_CUDA)
 _sdpa("sdpa_cudnn", "CUDNN_ATTENTION", probe=_sdpa_probe(
@@ -174,4 +189,5 @@ for _name, _module, _kernel_module, _min_cc, _package in (
          "flash-attn 3 (hopper/ build of flash-attention)"),
         ("flash_attention_4", "flash_attn.cute", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")):
     register(AttentionBackend(_name, KernelImpl(_name, flash_attn_package_impl(_kernel_module), **_FLASH_KERNEL), _name,
-                              _package_probe(_module, _min_cc, _package, rocm=_name == "flash_attention_2")))
+                              _package_probe(_module, _min_cc, _package, rocm=_name == "flash_attention_2"),
+                              benchmarked=_name == "flash_attention_2"))
