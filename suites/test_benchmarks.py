@@ -22,7 +22,7 @@ import statistics
 import pytest
 import torch
 
-from harness.backends.attention import benchmarked_backends
+from harness.backends.attention import measured_backends
 from harness.backends.capabilities import dtype_name
 from harness.performance.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.benchmark(group="generate", **SYNCED), pytest.mark.exc
 SHAPE = {"cpu": {"prompt": 16, "new_tokens": 4, "rounds": 2, "warmup": 1},
          "cuda": {"prompt": 512, "new_tokens": 32, "rounds": 3, "warmup": 1}}
 CPU_MAX_BATCH = 1
-ATTN = [pytest.param(b.attn_implementation, marks=pytest.mark.needs(b.name)) for b in benchmarked_backends()]
+ATTN = [pytest.param(b.attn_implementation, marks=pytest.mark.needs(b.name)) for b in measured_backends()]
 # 1 and 16 are the quick gate's pair (latency alone, a batch where the GPU is busy); 4 and 64 fill
 # in the curve in the full profile (each decode level is ~4 s of the H200 gate, ~1/4 of the
 # exclusive phase the gate runs alone on the device)

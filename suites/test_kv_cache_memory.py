@@ -31,17 +31,7 @@ def _filled_cache(model, tokenizer, cache_name, run_config):
     return cache, max_cache_len - 1, max_cache_len  # the last token is generated, never fed back
 
 
-def _expected_tokens_per_layer(model, cache_name, fed_tokens, max_cache_len):
-    """Full layers hold every fed token (dynamic) or max_cache_len slots (static); window layers
-    hold at most the window: their tensors are views of a window-sized buffer."""
-    window = getattr(model.config, "sliding_window", None)
-    length = fed_tokens if cache_name != "static" else max_cache_len
-    sliding = cache_name != "dynamic"  # DynamicCache() without a config keeps full layers
-    return [min(length, window) if sliding and kind == "sliding_attention" else length
-            for kind in caches.layer_types(model)]
-
-
-@pytest.mark.parametrize("cache_name", ["dynamic", "sliding-window", "static"])
+@pytest.mark.parametrize("cache_name", caches.formula_sized_cache_types())
 def test_measured_cache_bytes_equal_formula(cache_name, reference_model, tokenizer, device, run_config, record_result):
     kind = caches.get_cache_type(cache_name)
     reason = kind.not_applicable(reference_model, device)
@@ -49,7 +39,7 @@ def test_measured_cache_bytes_equal_formula(cache_name, reference_model, tokeniz
         pytest.skip(f"{cache_name}: {reason}")
     cache, fed_tokens, max_cache_len = _filled_cache(reference_model, tokenizer, cache_name, run_config)
     shape = predictions.attention_shape(reference_model.config)
-    lengths = _expected_tokens_per_layer(reference_model, cache_name, fed_tokens, max_cache_len)
+    lengths = kind.tokens_per_layer(reference_model, fed_tokens, max_cache_len)
     element = reference_model.dtype.itemsize
     predicted = predictions.kv_cache_bytes(shape, fed_tokens, BATCH, element, layer_lengths=lengths)
     measured = kv_cache.measured_cache_bytes(cache)

@@ -23,8 +23,9 @@ from harness.performance.predictions import (SCALING_CHECK, attention_scores_byt
                                  kv_bytes_per_token, parameter_counts, predict_eager_attention_peak_bytes,
                                  predict_kv_cache_bytes, predict_weight_bytes)
 from harness.models.loading import load_model
+from harness.backends.attention import measured_backends
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
-from harness.performance.timing import prefill_flops
+from harness.performance.utilisation import prefill_flops
 
 # exclusive: these tests read the device's memory (NVML counts every process), so harness.gate runs
 # them alone on it
@@ -187,7 +188,8 @@ def test_eager_attention_scores_match_prediction(request, model_spec, attn_varia
                     f"predicts {predicted / 2**20:.1f} MiB) [{peaks['eager'].method}]")
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa", pytest.param("flash_attention_2", marks=pytest.mark.needs("flash_attention_2"))])
+@pytest.mark.parametrize("attn", [pytest.param(b.attn_implementation, marks=pytest.mark.needs(b.name))
+                                  for b in measured_backends()])
 def test_prefill_peak_memory_growth(attn, request, model_spec, model_factory, attn_variant, counts, shape, device, dtype,
                                     tolerances, run_config, record_result, seed):
     if run_config.attn and attn not in run_config.attn:

@@ -37,9 +37,9 @@ class AttentionBackend:
     cuda_limits: dict = field(default_factory=dict)  # KernelImpl fields its CUDA kernels restrict
     cuda_dtypes: tuple[str, ...] | None = None  # dtypes its CUDA kernels compute in (None: every one)
     compiles_model_per_shape_on_cpu: bool = False  # transformers compiles it with inductor per shape
-    # The speed suite times generate() with this record's attn_implementation (once per implementation:
-    # the first benchmarked record of it names the capability the benchmark needs)
-    benchmarked: bool = False
+    # The speed and memory suites measure generate() with this record's attn_implementation (once per
+    # implementation: the first measured record of it names the capability those tests need)
+    measured: bool = False
 
     def capability(self, device, dtype) -> Capability:
         available, reason = self.probe(device, dtype)
@@ -66,11 +66,11 @@ def fused_backends() -> list[str]:
     return [name for name in ATTENTION_BACKENDS if name != "eager"]
 
 
-def benchmarked_backends() -> list[AttentionBackend]:
-    """The records whose attn_implementation the speed suite times, one per implementation."""
+def measured_backends() -> list[AttentionBackend]:
+    """The records whose attn_implementation the speed and memory suites measure, one per implementation."""
     seen: dict[str, AttentionBackend] = {}
     for backend in ATTENTION_BACKENDS.values():
-        if backend.benchmarked:
+        if backend.measured:
             seen.setdefault(backend.attn_implementation, backend)
     return list(seen.values())
 
@@ -157,7 +157,7 @@ def _sdpa_context(sdp_backend: str):
 # The registry
 
 register(AttentionBackend("eager", KernelImpl("eager", eager_attention), "eager", _always("plain PyTorch matmul + softmax"),
-                          benchmarked=True))
+                          measured=True))
 
 
 def _sdpa(name: str, sdp_backend: str, **kwargs) -> AttentionBackend:
@@ -171,9 +171,9 @@ def _sdpa(name: str, sdp_backend: str, **kwargs) -> AttentionBackend:
 # causal flag, and no float32
 _FUSED_SDPA_ON_CUDA = dict(cuda_limits=dict(dense_masks=False, windows=False, causal_square_only=True),
                            cuda_dtypes=("float16", "bfloat16"))
-# The speed suite times transformers' "sdpa" as users run it (PyTorch picks the kernel); the math
-# kernel, present on every device, is the capability that entry needs
-_sdpa("sdpa_math", "MATH", benchmarked=True)
+# The speed and memory suites measure transformers' "sdpa" as users run it (PyTorch picks the kernel);
+# the math kernel, present on every device, is the capability that entry needs
+_sdpa("sdpa_math", "MATH", measured=True)
 _sdpa("sdpa_efficient", "EFFICIENT_ATTENTION")
 _sdpa("sdpa_flash", "FLASH_ATTENTION", **_FUSED_SDPA_ON_CUDA)
 _sdpa("sdpa_cudnn", "CUDNN_ATTENTION", probe=_sdpa_probe(
@@ -190,4 +190,4 @@ for _name, _module, _kernel_module, _min_cc, _package in (
         ("flash_attention_4", "flash_attn.cute", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")):
     register(AttentionBackend(_name, KernelImpl(_name, flash_attn_package_impl(_kernel_module), **_FLASH_KERNEL), _name,
                               _package_probe(_module, _min_cc, _package, rocm=_name == "flash_attention_2"),
-                              benchmarked=_name == "flash_attention_2"))
+                              measured=_name == "flash_attention_2"))

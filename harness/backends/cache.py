@@ -16,7 +16,6 @@ from harness.backends import Registry
 from harness.inference.generation import GreedyRun, cache_kwarg, greedy, new_tokens_default
 
 
-
 def layer_types(model) -> list[str]:
     """'full_attention' / 'sliding_attention' / ... per decoder layer, as transformers' caches see them."""
     from transformers.cache_utils import get_layer_types_and_kwargs
@@ -56,6 +55,11 @@ class CacheType:
     build: Callable
     not_applicable: Callable = field(default=lambda model, device: None)
     lossy: bool = False
+    # tokens_per_layer(model, fed_tokens, max_cache_len) -> the tokens each layer holds, for a cache
+    # that stores K and V in the model's dtype, so its bytes must equal harness.performance.predictions'
+    # kv_cache_bytes formula (the KV-memory suite checks every such type); None: it compresses or
+    # moves its tensors, so the formula does not describe it
+    tokens_per_layer: Callable | None = None
 
 
 def _dynamic(model, max_cache_len):
@@ -93,6 +97,18 @@ def _quantized(backend: str):
         return QuantizedCache(backend=backend, config=model.config, nbits=4, q_group_size=16, residual_length=8)
 
     return build
+
+
+def _layer_lengths(*, preallocated: bool, windowed: bool):
+    """Full layers hold every fed token (growing caches) or max_cache_len slots (preallocated ones);
+    window layers, where the cache keeps windows, hold at most the window (views of a window-sized buffer)."""
+    def lengths(model, fed_tokens: int, max_cache_len: int) -> list[int]:
+        window = getattr(model.config, "sliding_window", None)
+        length = max_cache_len if preallocated else fed_tokens
+        return [min(length, window) if windowed and kind == "sliding_attention" else length
+                for kind in layer_types(model)]
+
+    return lengths
 
 
 def _needs_sliding(model, device):
@@ -137,11 +153,12 @@ def _quantized_needs(backend: str):
 
 CACHE_TYPES: Registry = Registry("cache type")
 for _cache_type in [
-    CacheType("dynamic", "DynamicCache without a config: full-length layers, grows by concatenation", _dynamic),
+    CacheType("dynamic", "DynamicCache without a config: full-length layers, grows by concatenation", _dynamic,
+              tokens_per_layer=_layer_lengths(preallocated=False, windowed=False)),
     CacheType("sliding-window", "DynamicCache(config): sliding-window layers keep only the window",
-              _dynamic_with_config, _needs_sliding),
+              _dynamic_with_config, _needs_sliding, tokens_per_layer=_layer_lengths(preallocated=False, windowed=True)),
     CacheType("static", "StaticCache: preallocated max_cache_len slots (sliding/hybrid layers per the config)",
-              _static, _static_needs(False)),
+              _static, _static_needs(False), tokens_per_layer=_layer_lengths(preallocated=True, windowed=True)),
     CacheType("offloaded", "DynamicCache(offloading=True): layers parked on CPU between uses",
               _offloaded, _needs_accelerator),
     CacheType("offloaded-static", "StaticCache(offloading=True)",
@@ -155,6 +172,11 @@ for _cache_type in [
 
 def get_cache_type(name: str) -> CacheType:
     return CACHE_TYPES.get_record(name)
+
+
+def formula_sized_cache_types() -> list[str]:
+    """The cache types whose bytes the KV-cache formula predicts exactly."""
+    return [name for name, kind in CACHE_TYPES.items() if kind.tokens_per_layer is not None]
 
 
 def cached_run(model, inputs, cache_type: CacheType | str, *, pad_token_id: int, new_tokens: int | None = None,
