@@ -10,17 +10,6 @@ from harness.errors import HarnessUsageError
 from harness.inference.generation import GreedyRun, greedy
 
 
-
-def decoder_layers(model):
-    """The nn.ModuleList of decoder blocks (Llama-style `.model.layers`, GPT-2/Falcon `.transformer.h`)."""
-    base = model.base_model
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(base, name, None)
-        if layers is not None:
-            return layers
-    raise HarnessUsageError(f"{type(model).__name__}: cannot find its decoder layers to build a truncated assistant")
-
-
 def truncated_copy(model, keep_layers: int):
     """An assistant for speculative decoding: the target's first `keep_layers` blocks with the
     target's embeddings and head (same tokenizer, shares no tensors with the target)."""
