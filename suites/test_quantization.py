@@ -4,8 +4,10 @@ KL-divergence statistics over the bundled corpus (harness/data/corpus), weight f
 their prediction, and greedy agreement on chat prompts.
 
 CI runs int8 and nf4 on 2 windows of 256 tokens (254 scored); --run-slow adds fp4, nf4-dq, fp4-dq
-and the whole corpus in 512-token windows. Thresholds: harness.equivalence.quantization.QuantizationThresholds,
-overridable through the "quantization" section of the --thresholds JSON file.
+and the whole corpus in 512-token windows. Thresholds: each scheme's limits are its record's in
+harness.backends.quantization, the scheme-independent ones
+harness.equivalence.quantization_thresholds.QuantizationThresholds; both are overridable through the
+"quantization" section of the --thresholds JSON file.
 """
 
 from __future__ import annotations
@@ -13,10 +15,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.equivalence import quantization as Q
 from harness.backends import quantization as schemes
 from harness.backends.capabilities import dtype_name
+from harness.equivalence.quantization_agreement import (AgreementStatistics, agreement_statistics, check_agreement,
+                                                        check_really_differs, common_prefix_length, markdown_table,
+                                                        table_row)
+from harness.equivalence.quantization_corpus import (chat_prompts, corpus_windows, greedy_tokens, next_token_targets,
+                                                     scored_mask, window_logits)
+from harness.equivalence.quantization_footprint import check_footprint, quant_state_bytes, unquantized_linear_layers
+from harness.equivalence.quantization_layers import (LayerReconstruction, check_layer_errors, check_layer_gains,
+                                                     layer_reconstructions)
+from harness.equivalence.quantization_thresholds import QuantizationThresholds, load_quantization_thresholds
 from harness.errors import HarnessUsageError
+from harness.performance.predictions import predict_footprint
 
 CI_WINDOW, CI_WINDOW_COUNT = 256, 2
 FULL_WINDOW = 512
@@ -31,9 +42,9 @@ _table_rows: dict[str, dict] = {}
 
 
 @pytest.fixture(scope="session")
-def quant_thresholds(run_config) -> Q.QuantizationThresholds:
+def quant_thresholds(run_config) -> QuantizationThresholds:
     try:
-        return Q.load_quantization_thresholds(run_config.thresholds_file)
+        return load_quantization_thresholds(run_config.thresholds_file)
     except HarnessUsageError as exc:
         pytest.fail(str(exc), pytrace=False)
 
@@ -51,10 +62,10 @@ def _evaluation_set(tokenizer, reference, window: int, count: int | None):
     """(windows, mask, targets, reference logits), computed once per model and window layout."""
     key = (reference.name_or_path, str(reference.dtype), window, count)
     if key not in _reference_logits:
-        windows = Q.corpus_windows(tokenizer, window, count)
-        mask = Q.scored_mask(windows)
-        _reference_logits[key] = (windows, mask, Q.next_token_targets(windows)[mask],
-                                  Q.window_logits(reference, windows, mask))
+        windows = corpus_windows(tokenizer, window, count)
+        mask = scored_mask(windows)
+        _reference_logits[key] = (windows, mask, next_token_targets(windows)[mask],
+                                  window_logits(reference, windows, mask))
     return _reference_logits[key]
 
 
@@ -72,15 +83,15 @@ def quantized(scheme, model_factory, dtype):
 
 
 @pytest.fixture(scope="module")
-def layers(quantized, quant_reference) -> list[Q.LayerReconstruction]:
-    return Q.layer_reconstructions(quant_reference, quantized)
+def layers(quantized, quant_reference) -> list[LayerReconstruction]:
+    return layer_reconstructions(quant_reference, quantized)
 
 
 @pytest.fixture(scope="module")
-def ci_statistics(scheme, trained_quality, quantized, quant_reference, tokenizer) -> Q.AgreementStatistics:
+def ci_statistics(scheme, trained_quality, quantized, quant_reference, tokenizer) -> AgreementStatistics:
     """Statistics of the output distribution: they judge quality, so they need a trained model."""
     windows, mask, targets, ref_logits = _evaluation_set(tokenizer, quant_reference, CI_WINDOW, CI_WINDOW_COUNT)
-    return Q.agreement_statistics(ref_logits, Q.window_logits(quantized, windows, mask), targets)
+    return agreement_statistics(ref_logits, window_logits(quantized, windows, mask), targets)
 
 
 def _record_statistics(record_result, scheme, stats, limits, where):
@@ -103,7 +114,7 @@ def _record_statistics(record_result, scheme, stats, limits, where):
 def test_agreement_within_thresholds(scheme, ci_statistics, quant_thresholds, tokenizer, record_result):
     limits = quant_thresholds.for_scheme(scheme)
     _record_statistics(record_result, scheme, ci_statistics, limits, where=f"{CI_WINDOW_COUNT}x{CI_WINDOW} tokens")
-    failures = Q.check_agreement(ci_statistics, limits, scheme=scheme, decode=tokenizer.decode)
+    failures = check_agreement(ci_statistics, limits, scheme=scheme, decode=tokenizer.decode)
     assert not failures, "\n".join(failures)
 
 
@@ -111,17 +122,17 @@ def test_agreement_within_thresholds(scheme, ci_statistics, quant_thresholds, to
 def test_agreement_within_thresholds_on_whole_corpus(scheme, trained_quality, quantized, quant_reference,
                                                      quant_thresholds, tokenizer, record_result):
     windows, mask, targets, ref_logits = _evaluation_set(tokenizer, quant_reference, FULL_WINDOW, None)
-    stats = Q.agreement_statistics(ref_logits, Q.window_logits(quantized, windows, mask), targets)
+    stats = agreement_statistics(ref_logits, window_logits(quantized, windows, mask), targets)
     limits = quant_thresholds.for_scheme(scheme)
     _record_statistics(record_result, scheme, stats, limits, where=f"corpus, {windows.shape[0]}x{FULL_WINDOW} tokens")
     ratio = quantized.get_memory_footprint() / quant_reference.get_memory_footprint()
-    _table_rows[scheme] = Q.table_row(scheme, stats, ratio)
-    failures = Q.check_agreement(stats, limits, scheme=scheme, decode=tokenizer.decode)
+    _table_rows[scheme] = table_row(scheme, stats, ratio)
+    failures = check_agreement(stats, limits, scheme=scheme, decode=tokenizer.decode)
     assert not failures, "\n".join(failures)
 
 
 def test_quantized_model_really_differs(scheme, ci_statistics, quant_thresholds, record_result):
-    failures = Q.check_really_differs(ci_statistics, quant_thresholds, scheme=scheme)
+    failures = check_really_differs(ci_statistics, quant_thresholds, scheme=scheme)
     record_result(check=scheme, metric="KLD mean above the too-perfect floor", value=ci_statistics.kld_mean,
                   threshold=f"> {quant_thresholds.min_kld_mean:g}", passed=not failures)
     assert not failures, "\n".join(failures)
@@ -131,7 +142,7 @@ def test_every_layer_is_really_quantized_on_the_schemes_grid(scheme, layers, qua
     """The "really differs" check that holds for any weights, trained or not: each bitsandbytes
     layer's relative RMSE against the reference weight inside the scheme's band."""
     limits = quant_thresholds.for_scheme(scheme)
-    failures = Q.check_layer_errors(layers, limits, scheme=scheme)
+    failures = check_layer_errors(layers, limits, scheme=scheme)
     rmse = [x.relative_rmse for x in layers]
     record_result(check=scheme, metric="layer relative RMSE (min..max)",
                   value=f"{min(rmse):.5f}..{max(rmse):.5f}" if rmse else None,
@@ -143,7 +154,7 @@ def test_every_layer_is_really_quantized_on_the_schemes_grid(scheme, layers, qua
 def test_every_layer_dequantizes_to_its_reference_scale(scheme, layers, quant_thresholds, record_result):
     """Per-layer gain of the dequantized weight onto the reference's: a scale off by a few percent in
     one layer is lost in the model-level statistics (see tests/test_quantization_faults.py) but not here."""
-    failures = Q.check_layer_gains(layers, quant_thresholds.max_layer_gain_error, scheme=scheme)
+    failures = check_layer_gains(layers, quant_thresholds.max_layer_gain_error, scheme=scheme)
     worst = max(layers, key=lambda x: abs(x.gain - 1.0)) if layers else None
     record_result(check=scheme, metric="max |layer gain - 1|", value=round(abs(worst.gain - 1.0), 6) if worst else None,
                   threshold=f"<= {quant_thresholds.max_layer_gain_error:g}", passed=not failures,
@@ -154,10 +165,10 @@ def test_every_layer_dequantizes_to_its_reference_scale(scheme, layers, quant_th
 
 def test_weight_footprint_matches_prediction(scheme, quantized, quant_reference, quant_thresholds, dtype,
                                              record_result):
-    prediction = Q.predict_footprint(quant_reference, scheme, quantized_dtype=dtype)
+    prediction = predict_footprint(quant_reference, scheme, quantized_dtype=dtype)
     measured = quantized.get_memory_footprint()
-    failures = Q.check_footprint(measured, prediction, quant_thresholds.footprint_rel_margin, scheme=scheme,
-                                 unquantized=Q.unquantized_linear_layers(quantized))
+    failures = check_footprint(measured, prediction, quant_thresholds.footprint_rel_margin, scheme=scheme,
+                                 unquantized=unquantized_linear_layers(quantized))
     ratio = measured / prediction.reference_bytes
     record_result(check=scheme, metric="weight footprint MiB", value=round(measured / 2**20, 3),
                   threshold=f"{prediction.predicted_bytes / 2**20:.3f} ± {quant_thresholds.footprint_rel_margin:.1%}",
@@ -166,7 +177,7 @@ def test_weight_footprint_matches_prediction(scheme, quantized, quant_reference,
     record_result(check=scheme, metric="footprint ratio", value=round(ratio, 5),
                   threshold=f"{prediction.predicted_ratio:.5f} ± {quant_thresholds.footprint_rel_margin:.1%}",
                   passed=not failures)
-    scales = Q.quant_state_bytes(quantized)
+    scales = quant_state_bytes(quantized)
     record_result(check=scheme, metric="footprint ratio incl. quant-state scales", value=round(
         (measured + scales) / prediction.reference_bytes, 5), quant_state_mib=round(scales / 2**20, 3))
     assert not failures, "\n".join(failures)
@@ -178,14 +189,14 @@ def test_greedy_generation_agrees_on_chat_prompts(scheme, trained_quality, quant
     if scheme == "int8" and quantized.device.type == "cpu" and not full:
         pytest.skip("LLM.int8 generation on CPU takes seconds per token (measured 3.5 s with 2 shared cores): "
                     "runs with --run-slow or on GPU")
-    prompts = Q.chat_prompts() if full else Q.chat_prompts()[:CI_PROMPTS]
+    prompts = chat_prompts() if full else chat_prompts()[:CI_PROMPTS]
     new_tokens = FULL_NEW_TOKENS if full else CI_NEW_TOKENS
     lengths = []
     for prompt in prompts:
-        ref = Q.greedy_tokens(quant_reference, tokenizer, prompt, new_tokens)
-        got = Q.greedy_tokens(quantized, tokenizer, prompt, new_tokens)
+        ref = greedy_tokens(quant_reference, tokenizer, prompt, new_tokens)
+        got = greedy_tokens(quantized, tokenizer, prompt, new_tokens)
         assert len(ref) == len(got) == new_tokens, "generation was not forced to length"
-        lengths.append(Q.common_prefix_length(ref, got))
+        lengths.append(common_prefix_length(ref, got))
     mean = sum(lengths) / len(lengths)
     limit = quant_thresholds.for_scheme(scheme).min_greedy_prefix
     record_result(check=scheme, metric="greedy common prefix (mean tokens)", value=round(mean, 2),
@@ -198,9 +209,9 @@ def test_report_table_so_far(model_spec, scheme, quantized, quant_reference, ci_
     """The scheme table for the report, re-rendered after each scheme (pytest runs schemes in turn, so
     the last one recorded holds them all): whole-corpus rows under --run-slow, CI-window rows otherwise."""
     if scheme not in _table_rows:
-        _table_rows[scheme] = Q.table_row(scheme, ci_statistics,
+        _table_rows[scheme] = table_row(scheme, ci_statistics,
                                           quantized.get_memory_footprint() / quant_reference.get_memory_footprint())
-    table = Q.markdown_table([_table_rows[name] for name in schemes.SCHEMES if name in _table_rows])
+    table = markdown_table([_table_rows[name] for name in schemes.SCHEMES if name in _table_rows])
     full = request.config.getoption("--run-slow")
     record_result(check="table", metric="schemes in the quantization table", value=len(_table_rows),
                   section="Quantization: scheme x statistics", table=table,

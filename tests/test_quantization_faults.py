@@ -1,5 +1,5 @@
 """Planted faults the quantization suite must catch, each through the same check the suite applies
-(harness.equivalence.quantization.check_agreement / check_footprint / check_really_differs), on the default
+(harness.equivalence.quantization_agreement / quantization_layers / quantization_footprint), on the default
 model on CPU with the suite's CI windows (2 x 256 tokens, 254 scored)."""
 
 from __future__ import annotations
@@ -7,10 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.equivalence import quantization as Q
 from harness.backends import quantization as schemes
 from harness.backends.capabilities import by_name, detect
+from harness.equivalence.quantization_agreement import agreement_statistics, check_agreement, check_really_differs
+from harness.equivalence.quantization_corpus import corpus_windows, next_token_targets, scored_mask, window_logits
+from harness.equivalence.quantization_footprint import check_footprint, unquantized_linear_layers
+from harness.equivalence.quantization_layers import (check_layer_errors, check_layer_gains, dequantized_weight,
+                                                     layer_reconstructions)
+from harness.equivalence.quantization_thresholds import QuantizationThresholds, load_quantization_thresholds
 from harness.models.loading import ModelSpec, load_model, load_tokenizer
+from harness.performance.predictions import predict_footprint
 
 CPU = torch.device("cpu")
 WINDOW, WINDOW_COUNT = 256, 2
@@ -40,9 +46,9 @@ def reference(spec):
 
 @pytest.fixture(scope="module")
 def evaluation(reference, tokenizer):
-    windows = Q.corpus_windows(tokenizer, WINDOW, WINDOW_COUNT)
-    mask = Q.scored_mask(windows)
-    return windows, mask, Q.next_token_targets(windows)[mask], Q.window_logits(reference, windows, mask)
+    windows = corpus_windows(tokenizer, WINDOW, WINDOW_COUNT)
+    mask = scored_mask(windows)
+    return windows, mask, next_token_targets(windows)[mask], window_logits(reference, windows, mask)
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +69,21 @@ def int8_hidden(int8_model, evaluation):
 def _statistics_with_head(head, int8_hidden, evaluation):
     _, _, targets, ref_logits = evaluation
     with torch.inference_mode():
-        return Q.agreement_statistics(ref_logits, head(int8_hidden).float(), targets)
+        return agreement_statistics(ref_logits, head(int8_hidden).float(), targets)
 
 
 def test_unbroken_int8_passes_every_check(int8_model, int8_hidden, reference, evaluation):
     """The control: without a fault the checks below have nothing to report."""
     stats = _statistics_with_head(int8_model.lm_head, int8_hidden, evaluation)
-    limits = Q.QuantizationThresholds()
-    assert Q.check_agreement(stats, limits.int8, scheme="int8") == []
-    assert Q.check_really_differs(stats, limits, scheme="int8") == []
-    prediction = Q.predict_footprint(reference, "int8")
-    assert Q.check_footprint(int8_model.get_memory_footprint(), prediction, limits.footprint_rel_margin,
+    limits = QuantizationThresholds()
+    assert check_agreement(stats, limits.for_scheme("int8"), scheme="int8") == []
+    assert check_really_differs(stats, limits, scheme="int8") == []
+    prediction = predict_footprint(reference, "int8")
+    assert check_footprint(int8_model.get_memory_footprint(), prediction, limits.footprint_rel_margin,
                              scheme="int8") == []
-    layers = Q.layer_reconstructions(reference, int8_model)
-    assert Q.check_layer_gains(layers, limits.max_layer_gain_error, scheme="int8") == []
-    assert Q.check_layer_errors(layers, limits.int8, scheme="int8") == []
+    layers = layer_reconstructions(reference, int8_model)
+    assert check_layer_gains(layers, limits.max_layer_gain_error, scheme="int8") == []
+    assert check_layer_errors(layers, limits.for_scheme("int8"), scheme="int8") == []
 
 
 def test_reference_made_from_the_quantized_weights_fails_the_layer_band(int8_model, reference):
@@ -87,20 +93,20 @@ def test_reference_made_from_the_quantized_weights_fails_the_layer_band(int8_mod
 
     fake_reference = copy.deepcopy(reference)
     for name, module in int8_model.named_modules():
-        weight = Q.dequantized_weight(module)
+        weight = dequantized_weight(module)
         if weight is not None:
             fake_reference.get_submodule(name).weight.data.copy_(weight)
-    layers = Q.layer_reconstructions(fake_reference, int8_model)
-    failures = Q.check_layer_errors(layers, Q.QuantizationThresholds().int8, scheme="int8")
+    layers = layer_reconstructions(fake_reference, int8_model)
+    failures = check_layer_errors(layers, QuantizationThresholds().for_scheme("int8"), scheme="int8")
     assert len(failures) == len(layers) > 0 and "not really quantized" in failures[0], failures[:2]
 
 
 def test_four_bit_grid_where_int8_was_asked_fails_the_layer_band(spec, reference):
     _require("bnb_nf4")
     model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=schemes.quantization_config("nf4"))
-    layers = Q.layer_reconstructions(reference, model)
-    assert Q.check_layer_errors(layers, Q.QuantizationThresholds().nf4, scheme="nf4") == []  # its own band
-    failures = Q.check_layer_errors(layers, Q.QuantizationThresholds().int8, scheme="int8")
+    layers = layer_reconstructions(reference, model)
+    assert check_layer_errors(layers, QuantizationThresholds().for_scheme("nf4"), scheme="nf4") == []  # its own band
+    failures = check_layer_errors(layers, QuantizationThresholds().for_scheme("int8"), scheme="int8")
     assert len(failures) == len(layers) and "coarser grid" in failures[0], failures[:2]
 
 
@@ -114,8 +120,8 @@ def _planted_scale_error(model, reference, scales, scheme):
     original = scales.clone()
     scales.mul_(1.05)
     try:
-        return Q.check_layer_gains(Q.layer_reconstructions(reference, model),
-                                   Q.QuantizationThresholds().max_layer_gain_error, scheme=scheme)
+        return check_layer_gains(layer_reconstructions(reference, model),
+                                   QuantizationThresholds().max_layer_gain_error, scheme=scheme)
     finally:
         scales.copy_(original)
 
@@ -143,9 +149,9 @@ def test_layer_left_unquantized_fails_footprint(spec, reference):
     _require("bnb_int8")
     config = schemes.quantization_config("int8", skip_modules=["lm_head", "model.layers.7.mlp.down_proj"])
     model = load_model(spec, device=CPU, dtype=torch.float32, quantization_config=config)
-    prediction = Q.predict_footprint(reference, "int8")
-    failures = Q.check_footprint(model.get_memory_footprint(), prediction, Q.QuantizationThresholds().footprint_rel_margin,
-                                 scheme="int8", unquantized=Q.unquantized_linear_layers(model))
+    prediction = predict_footprint(reference, "int8")
+    failures = check_footprint(model.get_memory_footprint(), prediction, QuantizationThresholds().footprint_rel_margin,
+                                 scheme="int8", unquantized=unquantized_linear_layers(model))
     assert failures and "model.layers.7.mlp.down_proj" in failures[0], failures
     print("\n".join(failures))
 
@@ -177,14 +183,14 @@ def test_lm_head_quantized_is_caught(int8_model, int8_hidden, reference, evaluat
         measured = int8_model.get_memory_footprint()
     finally:
         int8_model.lm_head = original
-    limits = Q.QuantizationThresholds()
-    footprint = Q.check_footprint(measured, Q.predict_footprint(reference, "int8"), limits.footprint_rel_margin,
+    limits = QuantizationThresholds()
+    footprint = check_footprint(measured, predict_footprint(reference, "int8"), limits.footprint_rel_margin,
                                   scheme="int8")
     assert footprint, "the quantized LM head did not show in the weight footprint"
     print("\n".join(footprint))
     if head_scheme == "nf4":
         stats = _statistics_with_head(faulty_head, int8_hidden, evaluation)
-        agreement = Q.check_agreement(stats, limits.int8, scheme="int8", decode=tokenizer.decode)
+        agreement = check_agreement(stats, limits.for_scheme("int8"), scheme="int8", decode=tokenizer.decode)
         assert agreement, f"an nf4 LM head went unnoticed by the statistics: KLD mean {stats.kld_mean:.4g}"
         print("\n".join(agreement))
 
@@ -193,8 +199,8 @@ def test_reference_computed_with_quantized_model_is_too_perfect(int8_model, int8
     _, _, targets, _ = evaluation
     with torch.inference_mode():
         same = int8_model.lm_head(int8_hidden).float()
-    stats = Q.agreement_statistics(same, same.clone(), targets)
-    failures = Q.check_really_differs(stats, Q.QuantizationThresholds(), scheme="int8")
+    stats = agreement_statistics(same, same.clone(), targets)
+    failures = check_really_differs(stats, QuantizationThresholds(), scheme="int8")
     assert len(failures) == 2 and "too perfect" in failures[1], failures
     print("\n".join(failures))
 
@@ -204,7 +210,7 @@ def test_statistics_refuse_fewer_than_100_tokens(evaluation):
 
     _, _, targets, ref_logits = evaluation
     with pytest.raises(HarnessUsageError, match="at least 100"):
-        Q.agreement_statistics(ref_logits[:99], ref_logits[:99], targets[:99])
+        agreement_statistics(ref_logits[:99], ref_logits[:99], targets[:99])
 
 
 def test_thresholds_file_overrides_and_rejects_unknown_keys(tmp_path):
@@ -212,9 +218,9 @@ def test_thresholds_file_overrides_and_rejects_unknown_keys(tmp_path):
 
     path = tmp_path / "t.json"
     path.write_text('{"quantization": {"nf4-dq": {"max_kld_mean": 0.1}, "footprint_rel_margin": 0.02}}')
-    loaded = Q.load_quantization_thresholds(str(path))
+    loaded = load_quantization_thresholds(str(path))
     assert loaded.for_scheme("nf4-dq").max_kld_mean == 0.1 and loaded.footprint_rel_margin == 0.02
-    assert loaded.for_scheme("nf4") == Q.QuantizationThresholds().nf4
+    assert loaded.for_scheme("nf4") == QuantizationThresholds().for_scheme("nf4")
     path.write_text('{"quantization": {"nf4": {"max_kld": 0.1}}}')
     with pytest.raises(HarnessUsageError, match="unknown limit"):
-        Q.load_quantization_thresholds(str(path))
+        load_quantization_thresholds(str(path))

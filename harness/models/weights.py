@@ -36,7 +36,7 @@ class WeightsEvidence:
 def next_token_entropy(model, tokenizer) -> WeightsEvidence:
     import torch
 
-    from harness.equivalence.quantization import corpus_text
+    from harness.equivalence.quantization_corpus import corpus_text
 
     ids = tokenizer(corpus_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][:, :WINDOW_TOKENS]
     with torch.no_grad():

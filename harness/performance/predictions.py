@@ -1,6 +1,7 @@
 """What the measurements are compared with: parameter counts and weight bytes per quantization
-scheme, the attention shape and the KV-cache formula, the N x N score matrices eager attention
-materialises, and the fit of peak memory against sequence length.
+scheme (from a config, and the weight footprint of a loaded reference once quantized), the attention
+shape and the KV-cache formula, the N x N score matrices eager attention materialises, and the fit of
+peak memory against sequence length.
 """
 
 from __future__ import annotations
@@ -8,6 +9,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+
+def quantized_linears(model) -> dict:
+    """name -> layer for every nn.Linear bitsandbytes quantizes when transformers loads the model: all
+    but the output embedding (transformers keeps the LM head, and any weight tied to it, unquantized)."""
+    import torch
+
+    out = model.get_output_embeddings()
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not out}
 
 
 @dataclass(frozen=True)
@@ -37,11 +48,10 @@ def parameter_counts(config) -> ParameterCounts:
     inp, out = model.get_input_embeddings(), model.get_output_embeddings()
     tied = out is not None and out.weight is inp.weight
     linear = rows = bias = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module is not out:
-            linear += module.weight.numel()
-            rows += module.out_features
-            bias += module.bias.numel() if module.bias is not None else 0
+    for module in quantized_linears(model).values():
+        linear += module.weight.numel()
+        rows += module.out_features
+        bias += module.bias.numel() if module.bias is not None else 0
     total = sum(p.numel() for p in model.parameters())
     return ParameterCounts(total=total, linear=linear, linear_out_features=rows, linear_bias=bias,
                            input_embedding=inp.weight.numel(),
@@ -75,6 +85,50 @@ def predict_weight_bytes(counts: ParameterCounts, dtype, scheme: str = "none", *
     quant = record.quantized_bytes(counts.linear)
     stats = record.statistics_bytes(counts.linear, counts.linear_out_features, blocksize)
     return WeightPrediction(scheme, dense + quant + stats, {"dense": dense, "quantized": quant, "statistics": stats})
+
+
+@dataclass
+class FootprintPrediction:
+    reference_bytes: int   # the reference model's get_memory_footprint()
+    predicted_bytes: int   # what the quantized model's get_memory_footprint() should report
+    quantized_layers: int
+    kept_layers: list[str]  # Linear layers kept in higher precision
+
+    @property
+    def predicted_ratio(self) -> float:
+        return self.predicted_bytes / self.reference_bytes
+
+
+def predict_footprint(reference_model, scheme: str, *, quantized_dtype=None) -> FootprintPrediction:
+    """Bytes the quantized model's parameters and buffers should take: every nn.Linear weight except the
+    LM head (transformers keeps the output embedding and tied weights unquantized) at the scheme's
+    quantized bytes (1 byte for int8, 1/2 byte for 4-bit, two values per uint8); embeddings, norms,
+    biases and the kept layers at the element size of `quantized_dtype` (default: the reference's).
+    bitsandbytes' quant state (absmax, SCB) lives outside parameters and buffers, so
+    get_memory_footprint() does not count it; neither do we (predict_weight_bytes' "statistics" does).
+    Unlike predict_weight_bytes, it reads the loaded model, so buffers count too."""
+    import torch
+
+    from harness.backends.quantization import get_scheme
+
+    record = get_scheme(scheme)
+    quantized = quantized_linears(reference_model)
+    kept_layers = [name for name, module in reference_model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name not in quantized]
+    quantized_weights = {id(module.weight) for module in quantized.values()}
+    seen: set[int] = set()
+    total = 0
+    for tensor in list(reference_model.parameters()) + list(reference_model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in quantized_weights:
+            total += record.quantized_bytes(tensor.numel())
+        else:
+            size = torch.empty((), dtype=quantized_dtype).element_size() if (
+                quantized_dtype is not None and tensor.is_floating_point()) else tensor.element_size()
+            total += tensor.numel() * size
+    return FootprintPrediction(reference_model.get_memory_footprint(), total, len(quantized), kept_layers)
 
 
 @dataclass(frozen=True)
