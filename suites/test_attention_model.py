@@ -102,7 +102,7 @@ def _reference_outputs(cache, key, run, model_spec, model_factory, device, plan)
     """run(reference model) once per key, placed as ``plan`` says. On CUDA an upcast model over
     2 GiB (a 7B model is 27 GB in float32) is dropped after each use, so it never sits beside the
     variants the factory holds."""
-    from harness.models.reference_sizing import planned_reference
+    from harness.models.reference_build import planned_reference
 
     if key not in cache:
         if plan.placement != "device":

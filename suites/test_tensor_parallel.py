@@ -11,8 +11,9 @@ import os
 
 import pytest
 
-from harness.inference.distributed import (PINNED_GPU_ENV, TP_RANK_COUNTS, TPSession, compare_prompt_logits,
-                                 rank_count_skip_reason)
+from harness.equivalence.prompt_logits import compare_prompt_logits
+from harness.gpu_workers import PINNED_GPU_ENV
+from harness.inference.tensor_parallel import TP_RANK_COUNTS, TPSession, rank_count_skip_reason
 from harness.inference.generation import new_tokens_default
 from harness.equivalence.token_agreement import compare_runs
 

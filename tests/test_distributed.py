@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.inference import distributed
-from harness.inference.distributed import (MULTICAST_OFF, gpu_for_worker, launch_env, pin_xdist_worker_to_gpu,
-                                 rank_count_skip_reason, rank_counts_available, torchrun_command,
-                                 tp_split_skip_reason)
+from harness import gpu_workers
+from harness.gpu_workers import gpu_for_worker, pin_xdist_worker_to_gpu
+from harness.inference.distributed import MULTICAST_OFF, launch_env, torchrun_command
+from harness.inference.tensor_parallel import rank_count_skip_reason, rank_counts_available, tp_split_skip_reason
 from harness.errors import HarnessUsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,14 +107,14 @@ def test_pinning_maps_onto_an_existing_cuda_visible_devices():
 
 def test_controller_refuses_more_workers_than_gpus_before_starting_them():
     with pytest.raises(HarnessUsageError, match="started 4 workers but 2 GPUs"):
-        distributed.setup_xdist_gpus(planned_workers=4, environ={}, gpu_count=lambda: 2)
-    assert distributed.setup_xdist_gpus(planned_workers=2, environ={}, gpu_count=lambda: 2) is None
-    assert distributed.setup_xdist_gpus(planned_workers=16, environ={}, gpu_count=lambda: 0) is None  # CPU host
+        gpu_workers.setup_xdist_gpus(planned_workers=4, environ={}, gpu_count=lambda: 2)
+    assert gpu_workers.setup_xdist_gpus(planned_workers=2, environ={}, gpu_count=lambda: 2) is None
+    assert gpu_workers.setup_xdist_gpus(planned_workers=16, environ={}, gpu_count=lambda: 0) is None  # CPU host
 
 
 def test_auto_worker_count_is_one_per_gpu():
-    assert distributed.auto_worker_count({"CUDA_VISIBLE_DEVICES": "0,2,3"}) == 3
-    assert distributed.auto_worker_count({}, gpu_count=lambda: 0) is None
+    assert gpu_workers.auto_worker_count({"CUDA_VISIBLE_DEVICES": "0,2,3"}) == 3
+    assert gpu_workers.auto_worker_count({}, gpu_count=lambda: 0) is None
 
 
 def test_no_pinning_outside_xdist_or_without_gpus():
@@ -128,7 +128,7 @@ def test_no_pinning_outside_xdist_or_without_gpus():
 # conftest so that the test also holds for a plugin that does not carry them yet.
 XDIST_CONFTEST = """
 import pytest
-from harness.inference.distributed import auto_worker_count, setup_xdist_gpus
+from harness.gpu_workers import auto_worker_count, setup_xdist_gpus
 from harness.errors import HarnessUsageError
 
 def pytest_configure(config):
@@ -285,7 +285,7 @@ def _scale_vocab_shard(logits, ranks: int, shard: int, factor: float):
 
 def _prompt_logits_check(single, candidate):
     from harness.equivalence.tolerances import Tolerances
-    from harness.inference.distributed import compare_prompt_logits
+    from harness.equivalence.prompt_logits import compare_prompt_logits
 
     return compare_prompt_logits(single, candidate, dtype_name="float32", tolerances=Tolerances(),
                                  label="tiny:llama over 2 ranks vs single device")

@@ -10,7 +10,7 @@ must give the whole window. Each fails if the plan ignored the free memory.
 import pytest
 import torch
 
-from harness.models import reference_sizing as rs
+from harness.models import reference_build, reference_sizing as rs
 from harness.config import format_bytes
 
 GiB = 2**30
@@ -131,7 +131,7 @@ def test_streamed_and_cpu_references_give_the_device_reference_bit_for_bit(place
     mask[1, :7] = 0
     want = model_forward(upcast_reference(model, torch.float64), ids, mask, reference_context, use_cache=False)
     plan = rs.ReferencePlan(length=40, requested=40, placement=placement)
-    got = rs.reference_outputs(model, ids, mask, plan, torch.float64)
+    got = reference_build.reference_outputs(model, ids, mask, plan, torch.float64)
     assert got.logits.dtype == torch.float64
     assert torch.equal(got.logits, want.logits)
     assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, want.hidden_states, strict=True))
@@ -142,7 +142,7 @@ def test_upcast_copy_keeps_ties_and_leaves_the_model_alone():
 
     model = build_preset("tiny:gpt2", torch.device("cpu"), torch.float32)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    copy = rs.upcast_copy(model, torch.float64)
+    copy = reference_build.upcast_copy(model, torch.float64)
     assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
     assert {p.dtype for p in copy.parameters()} == {torch.float64}
     assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -49,13 +49,13 @@ def upcast_reference(model, dtype=torch.float64, device=None, layers_device=None
 
     The copy is made tensor by tensor straight into ``dtype`` (no second copy in the model's
     dtype), on ``device`` (default: the model's), decoder layers on ``layers_device`` (default:
-    ``device``; harness.models.reference_sizing streams them from there). How big a reference a device
+    ``device``; harness.models.reference_build streams them from there). How big a reference a device
     can take, and which placement to use, is harness.models.reference_sizing's business.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from harness.models.reference_sizing import upcast_copy
+    from harness.models.reference_build import upcast_copy
 
     AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention_forward)
     AttentionMaskInterface.register(REFERENCE_ATTENTION, sdpa_mask)  # bool masks (True = attend) or None
