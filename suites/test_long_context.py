@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness.inference import generation as gen
-from harness.equivalence import niah
+from harness.equivalence import niah, niah_views
 from harness.equivalence import positions as pos
 from harness.backends.capabilities import by_name, dtype_name
 
@@ -173,9 +173,9 @@ def test_niah_heatmap_and_table_cover_the_grid(trained, niah_scores, niah_config
     scores = [s for n in lengths for s in niah_scores(n)]
     out = _artifact_dir(run_dir, tmp_path_factory)
     stem = f"niah-{trained.name.replace(':', '-').replace('/', '-')}"
-    png = niah.render_heatmap(scores, lengths, niah_config.depths, out / f"{stem}.png",
-                              f"{trained.name}, {long_context_attn}: needle retrieval ({niah_config.needles} needles/cell)")
-    table = niah.markdown_table(scores, lengths, niah_config.depths)
+    png = niah_views.render_heatmap(scores, lengths, niah_config.depths, out / f"{stem}.png",
+                                    f"{trained.name}, {long_context_attn}: needle retrieval ({niah_config.needles} needles/cell)")
+    table = niah_views.markdown_table(scores, lengths, niah_config.depths)
     (out / f"{stem}.md").write_text(table)
     per_length = {n: niah.accuracy(s for s in scores if s.length == n) for n in lengths}
     effective = niah.effective_context(scores, lengths, niah_config.min_accuracy)
@@ -374,7 +374,8 @@ def test_long_prompt_attention_matches_eager(model_spec, model_factory, long_con
 
     from harness.equivalence.attention_model import compare_model_outputs, known_disagreement, model_forward
     from harness.equivalence.compare import error_over_allowed
-    from harness.models.reference_sizing import plan_model_reference, reference_outputs
+    from harness.models.reference_build import reference_outputs
+    from harness.models.reference_sizing import plan_model_reference
 
     if long_context_attn == "eager":
         pytest.skip("--attn eager: the long-context implementation is the baseline itself")

@@ -12,7 +12,8 @@ from harness.config import format_bytes
 import pytest
 import torch
 
-from harness.performance.memory import MemoryBudgetExceeded, _proc_rss, measure_peak
+from harness.performance.memory import MemoryBudgetExceeded, measure_peak
+from harness.performance.memory_counters import _proc_rss
 from harness.performance.predictions import (AttentionShape, attention_shape, parameter_counts, predict_kv_cache_bytes,
                                  predict_weight_bytes)
 

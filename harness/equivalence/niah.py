@@ -1,4 +1,5 @@
-"""Needle in a haystack: prompt construction, exact-match scoring, the grid, a heatmap and a table.
+"""Needle in a haystack: prompt construction, exact-match scoring, the grid (its heatmap and table:
+harness.equivalence.niah_views).
 
 Construction follows gkamradt's LLMTest_NeedleInAHaystack: real text (bundled under
 data/haystack/) is cut to the context length, and the needle sentence is inserted at the sentence
@@ -19,7 +20,6 @@ import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from harness.config import DATA_DIR, read_thresholds_section
 from harness.errors import HarnessUsageError
@@ -305,10 +305,6 @@ def accuracy(scores) -> float:
     return sum(s.correct for s in scores) / len(scores) if scores else float("nan")
 
 
-# ---------------------------------------------------------------------------------------------
-# Views
-
-
 def effective_context(scores, lengths, min_accuracy: float) -> int | None:
     """RULER's effective length: the longest grid length whose accuracy, and every shorter one's,
     is at least min_accuracy (None when even the shortest misses)."""
@@ -319,47 +315,3 @@ def effective_context(scores, lengths, min_accuracy: float) -> int | None:
             break
         effective = n
     return effective
-
-
-def accuracy_grid(scores, lengths, depths) -> list[list[float]]:
-    """[depth][length] mean accuracy over needles (NaN where a cell was not run)."""
-    return [[accuracy(s for s in scores if s.length == n and s.depth == d) for n in lengths] for d in depths]
-
-
-def markdown_table(scores, lengths, depths) -> str:
-    grid = accuracy_grid(scores, lengths, depths)
-    lines = ["| depth \\ context | " + " | ".join(str(n) for n in lengths) + " |",
-             "|---|" + "---:|" * len(lengths)]
-    for d, row in zip(depths, grid):
-        lines.append(f"| {d:g} % | " + " | ".join("" if v != v else f"{v:.0%}" for v in row) + " |")
-    per_length = [accuracy(s for s in scores if s.length == n) for n in lengths]
-    lines.append("| **all depths** | " + " | ".join("" if v != v else f"**{v:.0%}**" for v in per_length) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def render_heatmap(scores, lengths, depths, path: Path, title: str) -> Path:
-    """gkamradt-style heatmap (depth rows, context-length columns, red 0 % to green 100 %) as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    grid = np.array(accuracy_grid(scores, lengths, depths), dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 1.0 + 0.6 * len(depths)))
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g} %" for d in depths])
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            if grid[i, j] == grid[i, j]:
-                ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="retrieval accuracy")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
