@@ -34,6 +34,60 @@ class RunConfig:
     thresholds_file: str | None = None
 
 
+# The command line: the options a run is configured from (the plugin registers them in its
+# "harness" group; run_config reads their values) and the markers the suites put on tests.
+OPTIONS = (
+    ("--model", dict(action="append", default=None, metavar="SPEC",
+                     help=f"model(s) under test, repeatable or comma-separated: {DEFAULT_MODEL} (default), a local "
+                          "HF directory, a .gguf file, a hub id in the local cache, tiny:<arch>, tiny:all, random:<shape>")),
+    ("--device", dict(default="auto", help="auto (default), cpu, cuda or cuda:N")),
+    ("--dtype", dict(default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")),
+    ("--attn", dict(default="", metavar="IMPLS",
+                    help="comma-separated attention implementations to test (default: every one available)")),
+    ("--memory-budget", dict(default=None, metavar="SIZE", help="device memory budget for every test, e.g. 12GiB")),
+    ("--report-dir", dict(default=None, metavar="DIR",
+                          help="write report.md, results.json, capabilities.json and junit.xml under DIR/<run>/")),
+    ("--seed", dict(type=int, default=0, help="seed for inputs drawn by the suites (default 0)")),
+    ("--thresholds", dict(default=None, metavar="FILE", help="JSON file overriding tolerances and thresholds")),
+    ("--allow-remote-code", dict(action="store_true", help="allow models that ship their own Python code")),
+    ("--allow-pickle", dict(action="store_true", help="allow pickle (.bin/.pt) checkpoints")),
+    ("--run-slow", dict(action="store_true", help="also run tests marked slow (the full profile)")),
+    ("--shard", dict(default=None, metavar="K/N",
+                     help="run only the K-th of N parts of the collected tests (whole test functions; "
+                          "harness.gate runs N such processes side by side)")),
+)
+MARKERS = (
+    "gpu: needs a CUDA device; skipped with the reason on CPU",
+    "slow: part of the full profile; runs only with --run-slow",
+    "acceptance: checks that need trained weights",
+    "exclusive: times the device or reads its memory: harness.gate runs it alone "
+    "on the device, after the tests it runs side by side",
+    "needs(capability, ...): skip unless every named capability is available here",
+    "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
+    "memory_budget(None) exempts a test from --memory-budget",
+)
+
+
+def run_config(options: dict) -> RunConfig:
+    """RunConfig from the command line's values, keyed by pytest's option destinations ('model',
+    'memory_budget', ...: the plugin passes vars(config.option))."""
+    raw = options.get("model") or [DEFAULT_MODEL]
+    models = tuple(m.strip() for value in raw for m in value.split(",") if m.strip())
+    budget = options.get("memory_budget")
+    return RunConfig(
+        models=models or (DEFAULT_MODEL,),
+        device=options["device"],
+        dtype=options["dtype"],
+        attn=tuple(a.strip() for a in options["attn"].split(",") if a.strip()),
+        memory_budget_bytes=parse_bytes(budget) if budget else None,
+        report_dir=options.get("report_dir"),
+        seed=options["seed"],
+        allow_remote_code=options["allow_remote_code"],
+        allow_pickle=options["allow_pickle"],
+        thresholds_file=options.get("thresholds"),
+    )
+
+
 def read_thresholds_section(path: str | None, section: str) -> dict:
     """The `section` object of the user's --thresholds JSON file ({} without a file or section).
     Tolerances, quantization thresholds and the NIAH grid each read their own section through this."""

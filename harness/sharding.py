@@ -82,6 +82,26 @@ def assign_shards(nodeids: list[str], count: int, weights: list[float] | None = 
     return shard_of
 
 
+def select_shard(text: str, nodeids: list[str], skipped: list[bool], environ=None) -> list[bool]:
+    """--shard K/N: for each collected node id, whether this process runs it (weights from the
+    HISTORY_VARIABLE file where set); HarnessUsageError for a malformed K/N."""
+    shard = parse_shard(text)
+    history = (environ if environ is not None else os.environ).get(HISTORY_VARIABLE)
+    owner = assign_shards(nodeids, shard.count, history_weights(nodeids, skipped, history))
+    return [index == shard.index - 1 for index in owner]
+
+
+def model_order(item_models: list[str | None], model_names: list[str]) -> list[int]:
+    """Positions of the collected items with every test of one model together, in --model order:
+    pytest's own ordering interleaves a session-scoped parameter with the other parameters (cache
+    type x model), which reloaded the default model and recomputed its session references ~10 times
+    per run. Stable, so each model keeps the file and parameter order pytest chose; items without a
+    model (None) come first, models not in `model_names` last."""
+    position = {name: i for i, name in enumerate(model_names)}
+    rank = [-1 if name is None else position.get(name, len(position)) for name in item_models]
+    return sorted(range(len(item_models)), key=rank.__getitem__)
+
+
 def device_is_shared(environ=None) -> bool:
     return bool((environ if environ is not None else os.environ).get(SHARED_DEVICE_VARIABLE))
 
