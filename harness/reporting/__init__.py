@@ -5,5 +5,6 @@
 - ``view`` (with ``speed`` and ``sections``): what both views show, as plain data;
 - ``triage``: failure kinds and next steps; ``text``: escaping, units, cleaned reasons;
 - ``html_view``: plots and the HTML page; ``templates/``: the Jinja2 templates of both views;
+- ``outcomes``: a test's outcome row, its suite, the benchmark document;
 - ``merge``: one report from several processes' run directories (harness.gate's side-by-side run).
 """
