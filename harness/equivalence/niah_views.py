@@ -25,10 +25,32 @@ def markdown_table(scores, lengths, depths) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_heatmap(scores, lengths, depths, path: Path, title: str) -> Path:
-    """The grid as the report's heatmap (harness.reporting.html_view.niah_heatmap), saved as a PNG."""
-    from harness.reporting.html_view import niah_heatmap
+def niah_heatmap(matrix, lengths, depths, title: str | None = None):
+    """The heatmap (gkamradt's layout: depth rows, context-length columns, red 0 % to green 100 %, each
+    cell labelled; NaN cells blank) as a matplotlib Figure: the suite's PNG and the HTML report's plot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(1.6 + 1.0 * len(lengths), 1.2 + 0.5 * len(depths)), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    image = ax.imshow(matrix, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g} %" for d in depths])
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="retrieval accuracy")
+    return fig
+
+
+def render_heatmap(scores, lengths, depths, path: Path, title: str) -> Path:
+    """The grid's heatmap saved as a PNG beside the report."""
     fig = niah_heatmap(accuracy_grid(scores, lengths, depths), lengths, depths, title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

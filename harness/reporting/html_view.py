@@ -231,26 +231,6 @@ def plot_latency(rows: list[dict]) -> str | None:
     return _png(fig)
 
 
-def niah_heatmap(matrix, lengths, depths, title: str | None = None):
-    """The needle-in-a-haystack heatmap (gkamradt's layout: depth rows, context-length columns, red
-    0 % to green 100 %, each cell labelled) as a matplotlib Figure; NaN cells stay blank."""
-    fig = _figure(1.6 + 1.0 * len(lengths), 1.2 + 0.5 * len(depths))
-    ax = fig.add_subplot(111)
-    image = ax.imshow(matrix, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{n:,}" for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g} %" for d in depths])
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            if v == v:
-                ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=8)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    if title:
-        ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.046, label="retrieval accuracy")
-    return fig
-
-
 def plot_niah(cells, png_path: str | None) -> str | None:
     if png_path and Path(png_path).is_file():
         return base64.b64encode(Path(png_path).read_bytes()).decode("ascii")
@@ -259,6 +239,8 @@ def plot_niah(cells, png_path: str | None) -> str | None:
     lengths = sorted({c[0] for c in cells})
     depths = sorted({c[1] for c in cells})
     grid = {(n, d): v for n, d, v in cells}
+    from harness.equivalence.niah_views import niah_heatmap
+
     return _png(niah_heatmap([[grid.get((n, d), float("nan")) for n in lengths] for d in depths], lengths, depths))
 
 
