@@ -96,3 +96,11 @@ def attn_variant(model_factory):
         return model
 
     return get
+
+
+@pytest.fixture(scope="session")
+def counts(reference_model):
+    """Parameter counts of the model under test (harness.performance.predictions.parameter_counts)."""
+    from harness.performance.predictions import parameter_counts
+
+    return parameter_counts(reference_model.config)

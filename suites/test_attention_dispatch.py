@@ -20,7 +20,7 @@ import torch
 
 from harness.backends.attention import fused_backends
 from harness.backends.capabilities import dtype_name
-from harness.equivalence.layer_attention import (DispatchNotRecorded, compare_layer_calls, padded_token_batch, record_eager_calls,
+from harness.equivalence.layer_attention import (DispatchNotRecorded, batch_lengths, compare_layer_calls, padded_token_batch, record_eager_calls,
                                      reference_outputs, replay_through_dispatch)
 
 SCENARIOS = {  # scenario -> (decode steps, padding side)
@@ -29,17 +29,6 @@ SCENARIOS = {  # scenario -> (decode steps, padding side)
     "past_sliding_window": (0, "left"),
 }
 PRECISIONS = ["run", "float32"]
-
-
-def _lengths(config, scenario, seed):
-    gen = torch.Generator().manual_seed(seed)
-    window = getattr(config, "sliding_window", None)
-    if scenario == "past_sliding_window":
-        if not window:
-            pytest.skip("the model has no sliding window")
-        return [2 * window + 3 + int(torch.randint(0, window, (1,), generator=gen)), window + 1]
-    longest = 20 + int(torch.randint(0, 12, (1,), generator=gen))
-    return [longest, longest - 5, longest - 9]
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +52,10 @@ def test_each_attention_call_matches_eager_on_its_inputs(backend, scenario, prec
     eager = model_factory("eager", dtype=dtype)
     key = (model_spec.name, scenario, run_config.seed, str(dtype))
     if key not in recorded_eager_calls:
-        ids, mask = padded_token_batch(eager.config, _lengths(eager.config, scenario, run_config.seed), side,
-                                       run_config.seed, device)
+        lengths = batch_lengths(eager.config, scenario, run_config.seed, base=20, spread=12)
+        if lengths is None:
+            pytest.skip("the model has no sliding window")
+        ids, mask = padded_token_batch(eager.config, lengths, side, run_config.seed, device)
         try:
             calls = record_eager_calls(eager, ids, mask, decode_steps)
         except DispatchNotRecorded as exc:

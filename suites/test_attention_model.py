@@ -18,6 +18,7 @@ import torch
 from harness.equivalence.attention_model import (compare_model_outputs, known_disagreement, model_forward, padded_position_ids,
                                      reference_context, upcast_reference)
 from harness.equivalence.compare import error_over_allowed
+from harness.equivalence.layer_attention import batch_lengths, padded_token_batch
 from harness.backends.attention import fused_backends
 from harness.backends.capabilities import dtype_name
 from harness.equivalence.compare import compare_tensors
@@ -33,33 +34,11 @@ def _reference_dtype(device):
 
 def _lengths(model_spec, model, scenario, seed) -> list[int]:
     """Sequence lengths per batch row; short for the 30-layer default model on CPU (CI budget)."""
-    gen = torch.Generator().manual_seed(seed)
-    window = getattr(model.config, "sliding_window", None)
-    if scenario == "past_sliding_window":
-        if not window:
-            pytest.skip(f"{model_spec.name} has no sliding window")
-        return [2 * window + 3 + int(torch.randint(0, window, (1,), generator=gen)), window + 1]
-    deep = model.config.num_hidden_layers > 8  # the 30-layer default model: short inputs keep CI in budget
-    longest = (12 if deep else 24) + int(torch.randint(0, 8 if deep else 16, (1,), generator=gen))
-    if scenario == "single":
-        return [longest]
-    return [longest, longest - 5, longest - 9]
-
-
-def _inputs(model, lengths, side, seed, device):
-    """Random token ids (not the pad id) padded on ``side``; returns input_ids, attention_mask."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    vocab = model.config.vocab_size
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    longest = max(lengths)
-    ids = torch.full((len(lengths), longest), pad, dtype=torch.long)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        tokens = torch.randint(3, vocab, (n,), generator=gen)
-        tokens[tokens == pad] = 3
-        span = slice(longest - n, longest) if side == "left" else slice(0, n)
-        ids[row, span], mask[row, span] = tokens, 1
-    return ids.to(device), mask.to(device)
+    deep = model.config.num_hidden_layers > 8
+    lengths = batch_lengths(model.config, scenario, seed, base=12 if deep else 24, spread=8 if deep else 16)
+    if lengths is None:
+        pytest.skip(f"{model_spec.name} has no sliding window")
+    return lengths
 
 
 def _forward(model, ids, mask, context=None):
@@ -150,7 +129,7 @@ def test_hidden_states_and_logits_match_eager(backend, scenario, model_spec, mod
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, scenario, seed)
-    ids, mask = _inputs(eager, lengths, "right" if scenario == "right_padded" else "left", seed, device)
+    ids, mask = padded_token_batch(eager.config, lengths, "right" if scenario == "right_padded" else "left", seed + 1, device)
     key = (model_spec.name, scenario, seed)
     model = model_factory(attn_implementation)
     assert model.config._attn_implementation == attn_implementation, (
@@ -181,7 +160,7 @@ def test_cached_decode_last_token_logits_match_eager(backend, model_spec, model_
     seed = run_config.seed
     eager = model_factory("eager")
     lengths = _lengths(model_spec, eager, "left_padded", seed + 7)
-    ids, mask = _inputs(eager, lengths, "left", seed + 7, device)
+    ids, mask = padded_token_batch(eager.config, lengths, "left", seed + 8, device)
 
     def decode(model, ctx=None):
         import contextlib

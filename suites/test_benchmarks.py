@@ -24,7 +24,7 @@ import torch
 
 from harness.backends.attention import measured_backends
 from harness.backends.capabilities import dtype_name
-from harness.performance.predictions import attention_shape, kv_bytes_per_token, parameter_counts, predict_weight_bytes
+from harness.performance.predictions import attention_shape, kv_bytes_per_token, predict_weight_bytes
 from harness.backends.quantization import get_scheme, measured_schemes, quantization_config
 from harness.performance.timing import (TokenClock, device_timer, do_bench_times, percentile, replay_clock, replay_times,
                                         time_calls)
@@ -51,11 +51,6 @@ BATCHES = [1, pytest.param(4, marks=pytest.mark.slow), 16, pytest.param(64, mark
 def device_peaks(device, dtype):
     """Copy bandwidth and matmul throughput of this device, measured once per run."""
     return measure_device_peaks(device, dtype)
-
-
-@pytest.fixture(scope="session")
-def counts(speed_spec, reference_model):
-    return parameter_counts(reference_model.config)
 
 
 def _check_batch(request, device, batch: int) -> None:

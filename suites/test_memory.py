@@ -20,7 +20,7 @@ from harness.backends.capabilities import dtype_name
 from harness.performance.memory import (MODEL_STORAGE_METHOD, is_out_of_memory, measure_peak, model_storage_bytes,
                             release_device_memory)
 from harness.performance.predictions import (SCALING_CHECK, attention_scores_bytes, attention_shape, fit_growth,
-                                 kv_bytes_per_token, parameter_counts, predict_eager_attention_peak_bytes,
+                                 kv_bytes_per_token, predict_eager_attention_peak_bytes,
                                  predict_kv_cache_bytes, predict_weight_bytes)
 from harness.models.loading import load_model
 from harness.backends.attention import measured_backends
@@ -44,11 +44,6 @@ GROWTH_POINTS = {"cpu": 3, "cuda": 5}
 @pytest.fixture(scope="session")
 def seed(run_config):
     return run_config.seed
-
-
-@pytest.fixture(scope="session")
-def counts(reference_model):
-    return parameter_counts(reference_model.config)
 
 
 @pytest.fixture(scope="session")

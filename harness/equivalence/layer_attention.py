@@ -213,6 +213,21 @@ def _first_call_of_layer(eager_calls: LayerCalls, layer: int) -> int:
     return eager_calls.layer_index.index(layer)
 
 
+def batch_lengths(config, scenario: str, seed: int, *, base: int, spread: int) -> list[int] | None:
+    """Sequence lengths per batch row of an attention scenario, drawn from ``seed``: "past_sliding_window"
+    has one row past twice the window and one just past it (None: the model has no window); "single"
+    one row of ``base`` plus a draw below ``spread`` tokens; every other scenario three rows of
+    decreasing length (padding in two of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    window = getattr(config, "sliding_window", None)
+    if scenario == "past_sliding_window":
+        if not window:
+            return None
+        return [2 * window + 3 + int(torch.randint(0, window, (1,), generator=gen)), window + 1]
+    longest = base + int(torch.randint(0, spread, (1,), generator=gen))
+    return [longest] if scenario == "single" else [longest, longest - 5, longest - 9]
+
+
 def padded_token_batch(config, lengths, side: str, seed: int, device):
     """Random token ids (never the pad id) of the given lengths, padded on ``side`` ("left" or
     "right") to the longest; returns (input_ids, attention_mask)."""
