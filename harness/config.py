@@ -88,6 +88,14 @@ def run_config(options: dict) -> RunConfig:
     )
 
 
+def read_json_file(path: Path, label: str):
+    """A user's JSON file, or a one-line usage error naming it by `label` and the parser's complaint."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise HarnessUsageError(f"{label} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def read_thresholds_section(path: str | None, section: str) -> dict:
     """The `section` object of the user's --thresholds JSON file ({} without a file or section).
     Tolerances, quantization thresholds and the NIAH grid each read their own section through this."""
@@ -96,10 +104,7 @@ def read_thresholds_section(path: str | None, section: str) -> dict:
     p = Path(path).expanduser()
     if not p.is_file():
         raise HarnessUsageError(f"--thresholds: no such file: {path}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise HarnessUsageError(f"--thresholds: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = read_json_file(p, f"--thresholds: {path}")
     found = data.get(section, {}) if isinstance(data, dict) else None
     if not isinstance(found, dict):
         raise HarnessUsageError(f"--thresholds: {path} must hold an object with a '{section}' object")

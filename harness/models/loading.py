@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import DEFAULT_MODEL, cache_root
+from harness.config import DEFAULT_MODEL, cache_root, read_json_file
 from harness.errors import HarnessUsageError, VariantRefused, first_line
 from harness.models.presets import PRESETS, TINY_PRESETS, get_preset
 
@@ -101,10 +101,7 @@ def check_hf_dir(path: Path, *, allow_remote_code: bool, allow_pickle: bool) -> 
     config_file = path / "config.json"
     if not config_file.is_file():
         raise HarnessUsageError(f"--model {path}: no config.json there, so it is not a Hugging Face model directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise HarnessUsageError(f"--model {path}: config.json is not valid JSON ({exc.msg})") from None
+    config = read_json_file(config_file, f"--model {path}: config.json")
     if config.get("auto_map") and not allow_remote_code:
         raise HarnessUsageError(
             f"--model {path}: this model runs its own Python code (auto_map in config.json); pass --allow-remote-code if you trust it")
