@@ -154,21 +154,25 @@ def _fail(message: str) -> None:
 
 @pytest.fixture(scope="session")
 def run_config(request) -> RunConfig:
+    """What this run validates (--model, --device, --dtype, --attn, ...), as resolved from the options."""
     return _state(request.config).run
 
 
 @pytest.fixture(scope="session")
 def device(request):
+    """The torch.device every suite runs on (--device, auto: CUDA when present)."""
     return _state(request.config).device
 
 
 @pytest.fixture(scope="session")
 def dtype(request):
+    """The compute dtype of the run (--dtype, auto: bfloat16 on CUDA, float32 on CPU)."""
     return _state(request.config).dtype
 
 
 @pytest.fixture(scope="session")
 def tolerances(request):
+    """The comparison rules (harness.equivalence.tolerances) with --thresholds applied."""
     return _state(request.config).tolerances
 
 
