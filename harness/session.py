@@ -107,9 +107,10 @@ class RunSession:
     def record_phase(self, report) -> None:
         """A test phase's report: one outcome row where the phase decided the outcome (call, or a
         failed/skipped set-up), and every phase's time per suite (harness.performance.run_times)."""
+        compiling = self.run_times.phase_done(suite_of(report.nodeid), report.when, report.duration,
+                                              compile_seconds_so_far())
         if decides_outcome(report):
-            self.outcomes.append(outcome_row(report))
-        self.run_times.phase_done(suite_of(report.nodeid), report.when, report.duration, compile_seconds_so_far())
+            self.outcomes.append(outcome_row(report, compile_s=compiling))
 
     def record_result(self, suite: str, nodeid: str, /, check: str, metric: str, value, threshold=None,
                       passed=None, where: str = "", **details) -> Result:

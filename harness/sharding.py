@@ -107,14 +107,17 @@ def device_is_shared(environ=None) -> bool:
 
 
 def history_weights(nodeids: list[str], skipped: list[bool], history_path: str | None) -> list[float]:
-    """Weights for assign_shards: earlier durations (call phase, seconds) where known, the median
-    known duration for new items, 1 each without history; 0 for items marked to skip."""
+    """Weights for assign_shards: earlier durations (call phase, seconds, less what torch.compile
+    took in them) where known, the median known duration for new items, 1 each without history; 0
+    for items marked to skip. Compile seconds are left out because the gate's second run on a runner
+    finds them in the persistent compile caches: a first run's kernel searches spent minutes
+    compiling and then take seconds, so counting them gave one shard a fifth of the others' work."""
     durations: dict[str, float] = {}
     if history_path:
         try:
             rows = json.loads(Path(history_path).read_text()).get("outcomes", [])
-            durations = {row["nodeid"]: float(row["duration_s"]) for row in rows
-                         if row.get("when") == "call" and "duration_s" in row}
+            durations = {row["nodeid"]: max(float(row["duration_s"]) - float(row.get("compile_s", 0.0)), 0.0)
+                         for row in rows if row.get("when") == "call" and "duration_s" in row}
         except (OSError, ValueError, AttributeError, KeyError, TypeError):
             durations = {}  # a missing or foreign file: split by item count
     known = [durations[n] for n in nodeids if n in durations]

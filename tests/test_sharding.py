@@ -2,6 +2,7 @@
 shard, whole functions together, and one report from several processes."""
 
 import json
+from types import SimpleNamespace
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -128,3 +129,31 @@ def test_waiting_process_starts_when_the_flag_appears(tmp_path):
     assert wait_for_start({})
     threading.Timer(0.3, flag.touch).start()
     assert wait_for_start({"HARNESS_START_AFTER": str(flag)}, poll_s=0.05) and flag.exists()
+
+
+def test_compile_seconds_of_an_earlier_run_do_not_weigh_the_shards(tmp_path):
+    """A first run's kernel search compiled for a minute; on the warm runner it takes seconds."""
+    from harness.sharding import history_weights
+
+    history = tmp_path / "results.json"
+    history.write_text(json.dumps({"outcomes": [
+        {"nodeid": "search", "when": "call", "duration_s": 60.0, "compile_s": 57.0},
+        {"nodeid": "decode", "when": "call", "duration_s": 10.0, "compile_s": 0.0}]}))
+    assert history_weights(["search", "decode"], [False, False], str(history)) == [3.0, 10.0]
+
+
+def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
+    """The history the next gate run splits by: run_times' compile share of the phase, per test row."""
+    import harness.session as session_module
+    from harness.config import RunConfig
+    from harness.equivalence.tolerances import Tolerances
+
+    session = session_module.RunSession(RunConfig(), [], "cpu", "float32", Tolerances())
+    monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 10.0)
+    setup = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="setup", outcome="passed", duration=1.0)
+    session.record_phase(setup)  # a passing set-up decides nothing: no row
+    monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 12.5)
+    call = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="call", outcome="passed", duration=5.0,
+                           skipped=False, failed=False, longrepr=None)
+    session.record_phase(call)
+    assert [(row["when"], row["duration_s"], row["compile_s"]) for row in session.outcomes] == [("call", 5.0, 2.5)]

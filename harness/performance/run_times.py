@@ -47,7 +47,8 @@ class RunTimes:
     suites: dict[str, SuiteTime] = field(default_factory=dict)
     _compiled_before: float | None = None
 
-    def phase_done(self, suite: str, when: str, duration_s: float, compiled_so_far: float) -> None:
+    def phase_done(self, suite: str, when: str, duration_s: float, compiled_so_far: float) -> float:
+        """Adds the phase to its suite; returns the seconds of it spent compiling."""
         before = compiled_so_far if self._compiled_before is None else self._compiled_before
         # a counter reset (torch._dynamo.reset) reads as no compiling, not as negative time
         compiling = min(max(compiled_so_far - before, 0.0), duration_s)
@@ -59,6 +60,7 @@ class RunTimes:
             times.tests += 1
         else:
             times.setup_s += duration_s - compiling
+        return compiling
 
     def rows(self) -> list[dict]:
         """One row per suite, slowest first, then the run's total."""

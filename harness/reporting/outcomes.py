@@ -20,9 +20,10 @@ def suite_of(nodeid: str) -> str:
     return Path(nodeid.split("::")[0]).stem
 
 
-def outcome_row(report) -> dict:
+def outcome_row(report, compile_s: float = 0.0) -> dict:
     """One results.json outcome row of a test phase's report: passed / failed / skipped, xfailed,
-    or inconclusive (harness.results.skip_outcome), with its one-line reason."""
+    or inconclusive (harness.results.skip_outcome), with its one-line reason, its duration and the
+    part of it torch.compile took (harness.performance.run_times)."""
     reason, outcome = "", report.outcome
     if getattr(report, "wasxfail", None) is not None:  # pytest reports an expected failure as "skipped"
         reason, outcome = str(report.wasxfail), "xfailed"
@@ -33,7 +34,8 @@ def outcome_row(report) -> dict:
         crash = getattr(report.longrepr, "reprcrash", None)
         reason = crash.message.splitlines()[0] if crash is not None and crash.message else str(report.longrepr).splitlines()[-1]
     return {"nodeid": report.nodeid, "suite": suite_of(report.nodeid), "when": report.when,
-            "outcome": outcome, "duration_s": round(report.duration, 4), "reason": reason[:500]}
+            "outcome": outcome, "duration_s": round(report.duration, 4),
+            "compile_s": round(compile_s, 4), "reason": reason[:500]}
 
 
 def benchmark_document(config) -> dict | None:
