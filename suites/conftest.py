@@ -104,3 +104,15 @@ def counts(reference_model):
     from harness.performance.predictions import parameter_counts
 
     return parameter_counts(reference_model.config)
+
+
+@pytest.fixture(autouse=True)
+def benchmarks_are_timed(request):
+    """A speed benchmark skips, saying why, where pytest-benchmark times nothing (pytest -n, or
+    --benchmark-disable) instead of failing on empty statistics."""
+    if "benchmark" in request.fixturenames:
+        from harness.performance.timing import benchmark_off_reason
+
+        reason = benchmark_off_reason(request.config)
+        if reason:
+            pytest.skip(reason)

@@ -150,3 +150,16 @@ def test_millisecond_budgets_bound_the_timed_calls_on_cpu():
 
     times = do_bench_times(lambda: clock.sleep(0.02), "cpu", warmup_ms=20, rep_ms=60)
     assert 1 <= len(times) <= 3, times  # each call sleeps >= 20 ms, so at most int(60 / 20) are timed
+
+
+def test_speed_benchmarks_skip_with_the_reason_where_pytest_benchmark_times_nothing(pytester):
+    """pytest -n and --benchmark-disable turn pytest-benchmark off: the speed suite says so instead of
+    failing on empty statistics (as `pytest -n 2 suites/` did)."""
+    from tests.fault_conftest import REPO
+
+    pytester.makepyfile(test_benchmarks_under_test=(REPO / "suites" / "test_benchmarks.py").read_text())
+    pytester.makeconftest((REPO / "suites" / "conftest.py").read_text())
+    result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "smollm2-135m",
+                                          "--benchmark-disable", "-rs", "-k", "decode_time and sdpa-1]")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["*pytest-benchmark is disabled in this run (--benchmark-disable)*"])
