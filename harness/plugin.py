@@ -16,6 +16,7 @@ import pytest
 from harness.config import MARKERS, OPTIONS, RunConfig
 from harness.errors import HarnessUsageError, VariantRefused
 from harness.performance import memory_budget as budgets
+from harness.results import suite_of
 from harness.session import RunSession, start_session
 from harness.sharding import model_order, select_shard, wait_for_start
 
@@ -291,7 +292,7 @@ def run_dir(request) -> Path | None:
 @pytest.fixture
 def record_result(request):
     """record_result(check=..., metric=..., value=..., threshold=..., passed=..., where=..., **details)."""
-    return functools.partial(_state(request.config).record_result, Path(str(request.node.path)).stem,
+    return functools.partial(_state(request.config).record_result, suite_of(request.node.nodeid),
                              request.node.nodeid)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 # A check that ran but could say nothing about this model (e.g. prompt lookup that never accepted a
 # draft): the suite skips with a reason starting with this prefix, and the run records the outcome
@@ -18,6 +19,11 @@ INCONCLUSIVE_PREFIX = INCONCLUSIVE + ": "
 
 def inconclusive_reason(why: str) -> str:
     return INCONCLUSIVE_PREFIX + why
+
+
+def suite_of(nodeid: str) -> str:
+    """The suite a test belongs to, by its node id: its file's stem (every Result row and outcome row)."""
+    return Path(nodeid.split("::")[0]).stem
 
 
 def skip_outcome(reason: str) -> str:

@@ -20,8 +20,8 @@ from harness.models.capabilities import model_category, refusals
 from harness.models.factory import ModelFactory
 from harness.performance.run_times import RunTimes, compile_seconds_so_far
 from harness.profiles import register_hypothesis_profiles
-from harness.reporting.outcomes import benchmark_document, decides_outcome, outcome_row, suite_of
-from harness.results import Result
+from harness.reporting.outcomes import benchmark_document, decides_outcome, outcome_row
+from harness.results import Result, suite_of
 
 PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"
 

@@ -111,7 +111,7 @@ def benchmarks_are_timed(request):
     """A speed benchmark skips, saying why, where pytest-benchmark times nothing (pytest -n, or
     --benchmark-disable) instead of failing on empty statistics."""
     if "benchmark" in request.fixturenames:
-        from harness.performance.timing import benchmark_off_reason
+        from harness.reporting.outcomes import benchmark_off_reason
 
         reason = benchmark_off_reason(request.config)
         if reason:

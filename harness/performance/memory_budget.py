@@ -9,12 +9,11 @@ The plugin's pytest_runtest_call hook and memory_budget fixture are thin wrapper
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 from typing import Callable
 
 from harness.config import format_bytes, parse_bytes
 from harness.errors import HarnessUsageError
-from harness.results import Result
+from harness.results import Result, suite_of
 
 
 def budget_for_test(nodeid: str, marker_args: tuple | None, run_budget: int | None) -> int | None:
@@ -42,7 +41,7 @@ def budget_result(nodeid: str, peak, budget: int, passed: bool) -> Result:
     """The report row of one budgeted block: its peak (a harness.performance.memory.MemoryPeak)
     against the budget."""
     return Result(
-        suite=Path(nodeid.split("::")[0]).stem, check="memory budget", metric="peak MiB",
+        suite=suite_of(nodeid), check="memory budget", metric="peak MiB",
         value=round(peak.peak_bytes / 2**20, 1), threshold=round(budget / 2**20, 1), passed=passed,
         where=peak.method, details={"test": nodeid, "budget": format_bytes(budget), **peak.to_dict()})
 

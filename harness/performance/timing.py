@@ -322,17 +322,3 @@ class TokenClock:
     def token_latencies(self) -> list[float]:
         """Seconds between consecutive new tokens (the decode steps after the first token)."""
         return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-
-
-def benchmark_off_reason(config) -> str | None:
-    """Why pytest-benchmark times nothing in this run (None when it does). It turns itself off under
-    pytest-xdist and with --benchmark-disable, and then runs each benchmark once with no statistics,
-    from which no speed figure can be computed."""
-    session = getattr(config, "_benchmarksession", None)
-    if session is None or not session.disabled:
-        return None
-    import os
-
-    if config.getoption("dist", "no") != "no" or os.environ.get("PYTEST_XDIST_WORKER"):
-        return "pytest-benchmark turns itself off under pytest-xdist: run the speed benchmarks in one process (no -n)"
-    return "pytest-benchmark is disabled in this run (--benchmark-disable): the speed benchmarks need its timings"

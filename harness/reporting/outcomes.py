@@ -5,19 +5,13 @@ phase and pytest-benchmark's JSON document. Read from the runner's objects by th
 
 from __future__ import annotations
 
-from pathlib import Path
 
-from harness.results import skip_outcome
+from harness.results import skip_outcome, suite_of
 
 
 def decides_outcome(report) -> bool:
     """The phase that decided a test's outcome: its call, or a set-up/teardown that did not pass."""
     return report.when == "call" or report.outcome != "passed"
-
-
-def suite_of(nodeid: str) -> str:
-    """The suite a node id belongs to: its file's stem."""
-    return Path(nodeid.split("::")[0]).stem
 
 
 def outcome_row(report, compile_s: float = 0.0) -> dict:
@@ -50,3 +44,16 @@ def benchmark_document(config) -> dict | None:
             commit_info=config.hook.pytest_benchmark_generate_commit_info(config=config))
     except Exception as exc:  # a report without benchmarks beats no report
         return {"benchmarks": [], "error": f"{type(exc).__name__}: {exc}"}
+
+
+def benchmark_off_reason(config) -> str | None:
+    """Why pytest-benchmark times nothing in this run (None when it does): --benchmark-disable, or it
+    turned itself off (it does under pytest-xdist). It then runs each benchmark once with no
+    statistics, from which no speed figure can be computed."""
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.disabled:
+        return None
+    if config.getoption("benchmark_disable", False) and not config.getoption("benchmark_enable", False):
+        return "pytest-benchmark is disabled in this run (--benchmark-disable): the speed benchmarks need its timings"
+    return ("pytest-benchmark turned itself off in this run (it does under pytest-xdist): run the speed "
+            "benchmarks in one process (no -n)")

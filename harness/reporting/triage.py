@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.reporting.text import clean_reason, fmt_num, fmt_threshold, one_line
+from harness.results import suite_of
 
 KINDS = ("equivalence", "agreement", "memory", "speed regression", "harness self-check", "error")
 
@@ -118,7 +119,7 @@ def classify(outcome: dict, failing_checks: list[str], message: str = "") -> str
     nodeid = outcome.get("nodeid", "")
     if nodeid.startswith(SELF_TEST_DIRS):
         return "harness self-check"
-    suite = outcome.get("suite") or Path(nodeid.split("::")[0]).stem
+    suite = outcome.get("suite") or suite_of(nodeid)
     return SUITE_KIND.get(suite, "error")
 
 
