@@ -20,7 +20,8 @@ from harness.backends.capabilities import dtype_name
 from harness.equivalence.quantization_agreement import (AgreementStatistics, agreement_statistics, check_agreement,
                                                         check_really_differs, common_prefix_length, markdown_table,
                                                         table_row)
-from harness.equivalence.quantization_corpus import (chat_prompts, corpus_windows, greedy_tokens, next_token_targets,
+from harness.inference.generation_basics import chat_greedy_tokens
+from harness.equivalence.quantization_corpus import (chat_prompts, corpus_windows, next_token_targets,
                                                      scored_mask, window_logits)
 from harness.equivalence.quantization_footprint import check_footprint, quant_state_bytes, unquantized_linear_layers
 from harness.equivalence.quantization_layers import (LayerReconstruction, check_layer_errors, check_layer_gains,
@@ -193,8 +194,8 @@ def test_greedy_generation_agrees_on_chat_prompts(scheme, trained_quality, quant
     new_tokens = FULL_NEW_TOKENS if full else CI_NEW_TOKENS
     lengths = []
     for prompt in prompts:
-        ref = greedy_tokens(quant_reference, tokenizer, prompt, new_tokens)
-        got = greedy_tokens(quantized, tokenizer, prompt, new_tokens)
+        ref = chat_greedy_tokens(quant_reference, tokenizer, prompt, new_tokens, new_tokens)
+        got = chat_greedy_tokens(quantized, tokenizer, prompt, new_tokens, new_tokens)
         assert len(ref) == len(got) == new_tokens, "generation was not forced to length"
         lengths.append(common_prefix_length(ref, got))
     mean = sum(lengths) / len(lengths)

@@ -197,7 +197,7 @@ def check_really_differs(stats: AgreementStatistics, thresholds: QuantizationThr
 
 
 # ---------------------------------------------------------------------------------------------
-# Greedy generation agreement (the greedy answers: quantization_corpus.greedy_tokens) and the report table
+# Greedy generation agreement (the greedy answers: generation_basics.chat_greedy_tokens) and the report table
 
 
 def common_prefix_length(a, b) -> int:

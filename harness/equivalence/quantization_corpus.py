@@ -1,5 +1,6 @@
 """What the quantization suite feeds the models and reads back: the bundled corpus (harness/data/corpus)
-cut into windows, the logits at the positions llama.cpp scores, and greedy answers to the chat prompts.
+cut into windows and the logits at the positions llama.cpp scores (greedy chat answers:
+harness.inference.generation_basics.chat_greedy_tokens).
 
 As in llama.cpp (`perplexity --kl-divergence`), each window of the corpus is evaluated from its start
 and only the logits of its second half are scored, so every scored token sees at least half a window
@@ -70,16 +71,3 @@ def window_logits(model, windows, mask, batch_size: int = 2):
             logits = model(batch.to(device)).logits
             out.append(logits[mask[start:start + batch_size].to(device)].float().cpu())
     return torch.cat(out)
-
-
-def greedy_tokens(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
-    """Greedy answer forced to exactly `new_tokens` tokens (min_new_tokens), on the chat template."""
-    import torch
-
-    from harness.inference.generation_basics import chat_input_ids
-
-    inputs = chat_input_ids(tokenizer, prompt, model.device)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
