@@ -1,5 +1,5 @@
-"""Planted faults: each breaks one part of cached or speculative decoding; the cache-equivalence
-and decoding-shortcut suites, run unchanged through pytester, must fail on it with a message that
+"""Planted faults: each breaks one part of cached or speculative decoding; the cache-equivalence,
+KV-memory and decoding-shortcut suites, run unchanged through pytester, must fail on it with a message that
 names the step and the cache type / decoding mode that diverged. Without the fault the same
 selection passes (so the failure is the fault's doing)."""
 
@@ -22,6 +22,9 @@ CASES = [
      ["*static cache vs no cache: logits at step * differ*"]),
     ("sliding_window_ignored_in_cached_decode", "test_cache_equivalence", "tiny:mistral", "matches_no_cache and sliding",
      ["*sliding-window cache vs no cache: logits at step * differ*"]),
+    # the KV-memory suite: a cache that keeps an extra copy of each decoded token holds more than the formula
+    ("cache_duplicates_newest_kv", "test_kv_cache_memory", "tiny:llama", "equal_formula and dynamic",
+     ["*dynamic cache holds * bytes; the formula 2 x * gives *"]),
     ("assisted_decoding_accepts_any_draft", "test_decoding_shortcuts", "tiny:llama", "assisted_decoding_equals",
      ["*assisted decoding (assistant: *) vs plain greedy:*at step *"]),
 ]
