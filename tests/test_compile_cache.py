@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from harness.performance.compile_cache import CACHE_VARIABLES, cache_key, cache_use, enable_persistent_compile_caches
+from harness.performance.compile_cache import (CACHE_VARIABLES, cache_key, cache_use, enable_persistent_compile_caches,
+                                               probes_file, remembered_probe)
 
 
 def test_caches_are_keyed_by_torch_transformers_and_device(tmp_path, monkeypatch):
@@ -28,3 +29,34 @@ def test_a_variable_the_user_set_is_kept(tmp_path, monkeypatch):
 def test_cache_use_reports_inductor_counters():
     use = cache_use()
     assert set(use) == {"fxgraph_cache_hit", "fxgraph_cache_miss"} and all(v >= 0 for v in use.values())
+
+
+def test_a_probe_that_worked_is_remembered_and_one_that_failed_is_probed_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLM_HARNESS_CACHE", str(tmp_path))
+    cpu, calls = torch.device("cpu"), []
+
+    def probe(answer):
+        def run():
+            calls.append(answer)
+            return answer
+        return run
+
+    assert remembered_probe("k", cpu, torch.float32, probe("no compiler")) == "no compiler"
+    assert remembered_probe("k", cpu, torch.float32, probe("no compiler")) == "no compiler"
+    assert remembered_probe("k", cpu, torch.float32, probe(None)) is None
+    assert remembered_probe("k", cpu, torch.float32, probe("broken since")) is None  # remembered: not run
+    assert remembered_probe("k", cpu, torch.float16, probe("fp16 fails")) == "fp16 fails"  # the dtype is part of the key
+    assert calls == ["no compiler", "no compiler", None, "fp16 fails"]
+    assert probes_file(cpu).parent.name == cache_key(cpu)
+
+
+def test_a_package_upgrade_forgets_what_worked(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    monkeypatch.setenv("LLM_HARNESS_CACHE", str(tmp_path))
+    cpu, calls = torch.device("cpu"), []
+    versions = iter(["1.0", "1.0", "2.0"])
+    monkeypatch.setattr(metadata, "version", lambda package: next(versions))
+    for _ in range(3):
+        remembered_probe("q", cpu, None, lambda: calls.append(1), packages=("somepkg",))
+    assert len(calls) == 2  # 1.0 probed once, then 2.0 probed again

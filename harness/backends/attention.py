@@ -120,7 +120,9 @@ def _flex_probe(device, dtype):
         q = torch.randn(1, 2, 128, 64, device=device, dtype=dtype)
         torch.compile(flex_attention, dynamic=False)(q, q, q)
 
-    err = try_probe(run)
+    from harness.performance.compile_cache import remembered_probe
+
+    err = remembered_probe("flex_attention", device, dtype, lambda: try_probe(run))
     return err is None, err or f"compiled and ran on {device.type}"
 
 

@@ -129,7 +129,10 @@ def probe(scheme: QuantScheme, device) -> tuple[bool, str]:
         if not torch.isfinite(out).all():
             raise RuntimeError("non-finite output from the quantised layer")
 
-    err = try_probe(run)
+    from harness.performance.compile_cache import remembered_probe
+
+    err = remembered_probe(f"bitsandbytes {scheme.capability}", device, None, lambda: try_probe(run),
+                           packages=("bitsandbytes",))
     return err is None, err or f"quantised Linear ran on {device.type}"
 
 

@@ -52,3 +52,49 @@ def cache_use() -> dict[str, int]:
     inductor = counters.get("inductor", {})
     return {"fxgraph_cache_hit": int(inductor.get("fxgraph_cache_hit", 0)),
             "fxgraph_cache_miss": int(inductor.get("fxgraph_cache_miss", 0))}
+
+
+
+def probes_file(device) -> Path:
+    """Where capability probes that worked on this machine are remembered: beside the compile
+    caches, under the same key (a torch, transformers or device change starts clean)."""
+    from harness.config import cache_root
+
+    return cache_root() / "compile" / cache_key(device) / "probes-that-worked.json"
+
+
+def remembered_probe(name: str, device, dtype, probe, *, packages: tuple[str, ...] = ()) -> str | None:
+    """``probe()`` (None when it worked, else why not), unless it already worked on this machine
+    with these torch/transformers versions and these versions of ``packages``.
+
+    Two probes cost seconds in every pytest process (the gate's shards, the harness's own
+    subprocess runs): flex_attention's compiles a kernel (~9 s on the 2-core CPU) and bitsandbytes'
+    import compiles its ops (~4 s). A success is remembered; a failure is probed again next time
+    (a compiler or package installed since may fix it)."""
+    import json
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    path = probes_file(device)
+    key = "/".join([name, str(dtype)] + [f"{p}=={version(p)}" for p in packages])
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) is True:
+        return None
+    err = probe()
+    if err is None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = path.with_name(f"{path.name}.{os.getpid()}")
+            fresh.write_text(json.dumps({**known, key: True}, indent=1, sort_keys=True))
+            os.replace(fresh, path)  # processes probing side by side never leave a torn file
+        except OSError:
+            pass  # a read-only cache only costs the next process the probe
+    return err
