@@ -79,3 +79,12 @@ def check_compare_gate(run) -> None:
     assert "test_decode_step (0001_baselin) - Field 'median' has failed PercentageRegressionCheck" in output
     unchanged = run(*COMPARE_GATE)
     assert unchanged.ret == 0, unchanged.stdout.str()[-2000:]
+
+
+@pytest.fixture(autouse=True)
+def runs_of_pytest_are_top_level(monkeypatch):
+    """`make test` spreads these tests over pytest-xdist workers; the pytest runs the tests start
+    themselves (pytester, subprocesses) are still plain runs, not workers: pytest-benchmark turns
+    itself off where PYTEST_XDIST_WORKER is set, and the harness's GPU pinning reads it."""
+    for variable in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+        monkeypatch.delenv(variable, raising=False)
