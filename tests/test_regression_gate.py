@@ -81,3 +81,21 @@ def test_a_file_that_is_not_benchmark_json_is_a_usage_error(tmp_path):
     bad.write_text(json.dumps({"results": []}))
     with pytest.raises(HarnessUsageError, match="not pytest-benchmark JSON"):
         load_benchmarks(bad)
+
+
+def _document(new_tokens: int, median: float) -> dict:
+    return {"benchmarks": [{"fullname": "suites/test_benchmarks.py::test_decode[m-sdpa-1]",
+                            "stats": {"median": median},
+                            "extra_info": {"batch": 1, "prompt_tokens": 512, "new_tokens": new_tokens}}]}
+
+
+def test_a_baseline_that_timed_other_work_is_a_usage_error_not_a_verdict(tmp_path, capsys):
+    """Half the tokens take about half the time: against a 32-token baseline a 16-token run would
+    pass any slowdown under ~2x. The gate must refuse the comparison and say why."""
+    with pytest.raises(HarnessUsageError, match=r"other work in 1 benchmark.*new_tokens 32 -> 16"):
+        compare(_document(32, 1.0), _document(16, 0.9), ["median:10%"])
+    assert [c.regressed for c in compare(_document(16, 1.0), _document(16, 1.5), ["median:10%"])] == [True]
+    for name, tokens in (("base.json", 32), ("run.json", 16)):
+        (tmp_path / name).write_text(json.dumps(_document(tokens, 1.0)))
+    assert main([str(tmp_path / "base.json"), str(tmp_path / "run.json")]) == 2
+    assert "record a new baseline" in capsys.readouterr().err

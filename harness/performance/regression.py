@@ -36,6 +36,11 @@ from pathlib import Path
 from harness.errors import HarnessUsageError
 
 STATS_FIELDS = ("min", "max", "mean", "median", "stddev", "iqr", "q1", "q3", "ld15iqr", "hd15iqr")
+# What a benchmark times, as its extra_info records it: a baseline that generated another number of
+# tokens, from other prompts or at another batch times other work, and its median says nothing
+# about this run (e.g. a baseline recorded before the GPU decode benchmarks went from 32 to 16 tokens).
+WORKLOAD_FIELDS = ("prompt_tokens", "new_tokens", "batch", "concurrency", "prompt_lengths", "workload",
+                   "copy_buffer_bytes", "matmul_size")
 _RULE = re.compile(r"^(?P<field>[A-Za-z_][\w.]*):(?P<value>[0-9]*\.?[0-9]+)(?P<percent>%?)$")
 
 
@@ -113,10 +118,25 @@ def _value(bench: dict, field: str):
     return bench.get("stats", {}).get(field)
 
 
+def workload_differences(base: dict, cur: dict) -> list[str]:
+    """'FIELD baseline -> current' for every WORKLOAD_FIELDS entry the two benchmarks record differently."""
+    before, after = base.get("extra_info", {}), cur.get("extra_info", {})
+    return [f"{field} {before.get(field)!r} -> {after.get(field)!r}" for field in WORKLOAD_FIELDS
+            if before.get(field) != after.get(field)]
+
+
 def compare(baseline, current, rules) -> list[Comparison]:
-    """Every (benchmark present in both, rule whose field both have) pair."""
+    """Every (benchmark present in both, rule whose field both have) pair. A benchmark that timed
+    other work in the baseline (WORKLOAD_FIELDS) is a usage error: no verdict can come from it."""
     rules = [parse_rule(r) if isinstance(r, str) else r for r in rules]
     base, cur = load_benchmarks(baseline), load_benchmarks(current)
+    other_work = {name: workload_differences(base[name], cur[name]) for name in sorted(base.keys() & cur.keys())}
+    other_work = {name: diff for name, diff in other_work.items() if diff}
+    if other_work:
+        name, diff = next(iter(other_work.items()))
+        raise HarnessUsageError(
+            f"the baseline timed other work in {len(other_work)} benchmark(s), e.g. {name}: {'; '.join(diff)}; "
+            "record a new baseline with this version and profile (python -m harness.gate --save-baseline FILE)")
     found = []
     for name in sorted(base.keys() & cur.keys()):
         for rule in rules:
