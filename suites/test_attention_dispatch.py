@@ -49,9 +49,11 @@ def test_each_attention_call_matches_eager_on_its_inputs(backend, scenario, prec
             pytest.skip(f"the run itself is float32 on {device.type}; the extra float32 pass is for reduced-precision GPU runs")
         dtype = torch.float32
     decode_steps, side = SCENARIOS[scenario]
-    eager = model_factory("eager", dtype=dtype)
     key = (model_spec.name, scenario, run_config.seed, str(dtype))
     if key not in recorded_eager_calls:
+        # eager is needed only to record; held past that, a float32 copy of a 7B model stays beside
+        # the fused one (the factory's eviction cannot free what a test still holds)
+        eager = model_factory("eager", dtype=dtype)
         lengths = batch_lengths(eager.config, scenario, run_config.seed, base=20, spread=12)
         if lengths is None:
             pytest.skip("the model has no sliding window")
@@ -61,6 +63,7 @@ def test_each_attention_call_matches_eager_on_its_inputs(backend, scenario, prec
         except DispatchNotRecorded as exc:
             pytest.skip(str(exc))
         recorded_eager_calls[key] = (ids, mask, calls, reference_outputs(calls))
+        del eager
     ids, mask, calls, refs = recorded_eager_calls[key]
     model = model_factory(attn_implementation, dtype=dtype)
     if model.config._attn_implementation != attn_implementation:

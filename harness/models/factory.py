@@ -4,6 +4,7 @@ fixture wraps it, turning a refused variant into a skip)."""
 
 from __future__ import annotations
 
+from harness.config import format_bytes
 from harness.errors import VariantRefused
 from harness.performance.memory import release_device_memory
 from harness.models.capabilities import refusal_reason
@@ -19,6 +20,10 @@ class ModelFactory:
     device out of memory for the activations the suites measure."""
 
     variant_memory_share = 0.25
+    # Free device memory a new variant must leave beside its weights (activations, references): on an
+    # 80 GB H100 the float32 pass of a 7B model in bf16 (27 GB of weights beside the run's 13.5 GB)
+    # ran the device out of memory in session 12; a variant that cannot fit is a skip with the numbers.
+    activation_headroom_share = 0.05
 
     def __init__(self, spec, device, dtype, keep: int = 3, refused=None, on_refusal=None):
         self.spec, self.device, self.dtype, self.keep = spec, device, dtype, keep
@@ -41,6 +46,8 @@ class ModelFactory:
             raise VariantRefused(self.refused[attn_implementation])
         if key not in self._cache:
             self._make_room(key)
+            if quantization is None:
+                self._refuse_unless_it_fits(attn_implementation, dtype)
             try:
                 self._cache[key] = load_model(self.spec, device=self.device, dtype=dtype,
                                               attn_implementation=attn_implementation,
@@ -65,6 +72,27 @@ class ModelFactory:
             self._cache.pop(variants[0])
             release_device_memory(self.device)
 
+    def _refuse_unless_it_fits(self, attn_implementation: str, dtype) -> None:
+        """VariantRefused (a skip, not recorded as the implementation's refusal) when the variant's
+        weights, predicted from the run's own variant, would not fit in the device's free memory."""
+        base = self._cache.get(self._base_key)
+        if self.device.type != "cuda" or base is None:
+            return
+        import torch
+
+        need = _model_bytes(base) // base.dtype.itemsize * torch.empty((), dtype=dtype).element_size()
+        free, total = free_device_bytes(self.device)
+        if need <= free - self.activation_headroom_share * total:
+            return
+        release_device_memory(self.device)  # garbage and cached blocks count as used until returned
+        free, total = free_device_bytes(self.device)
+        if need > free - self.activation_headroom_share * total:
+            raise VariantRefused(
+                f"{self.spec.name} with {attn_implementation} in {str(dtype).removeprefix('torch.')} needs "
+                f"{format_bytes(need)} of weights; {format_bytes(free)} of the device's {format_bytes(total)} "
+                f"are free ({self.activation_headroom_share:.0%} kept for activations; the run's own variant "
+                "and the references hold the rest)")
+
     def _variant_slots(self) -> int:
         if self.device.type != "cuda" or not self._cache:
             return self.keep
@@ -77,6 +105,13 @@ class ModelFactory:
     def clear(self) -> None:
         self._cache.clear()
         release_device_memory(self.device)
+
+
+def free_device_bytes(device) -> tuple[int, int]:
+    """(free, total) bytes of a CUDA device, as the driver counts them (every process's use)."""
+    import torch
+
+    return torch.cuda.mem_get_info(device)
 
 
 def _model_bytes(model) -> int:
