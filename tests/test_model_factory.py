@@ -55,8 +55,12 @@ def test_a_variant_that_cannot_fit_the_free_device_memory_is_a_skip_with_the_num
     monkeypatch.setattr(factory_module, "free_device_bytes", lambda device: (free["bytes"], total))
     monkeypatch.setattr(factory_module, "release_device_memory", lambda device: None)
     monkeypatch.setattr(ModelFactory, "_variant_slots", lambda self: self.keep)
+    factory.device = torch.device("cpu")
+    other = factory("sdpa")  # a bf16 variant, evicted before the float32 one is refused
+    factory.device = torch.device("cuda")
     with pytest.raises(VariantRefused, match=r"with sdpa in float32 needs .* of weights; .* are free"):
         factory("sdpa", dtype=torch.float32)
+    assert list(factory._cache) == [factory._base_key] and other is not None
     assert "sdpa" not in factory.refused  # memory, not a capability: a variant that fits still loads
     factory._refuse_unless_it_fits("sdpa", torch.bfloat16)  # 1 x base + 5 x base of headroom: fits in 6
     free["bytes"] = 7 * base_bytes + 1  # 2 x base of weights + 5 x base of headroom: fits

@@ -74,7 +74,10 @@ class ModelFactory:
 
     def _refuse_unless_it_fits(self, attn_implementation: str, dtype) -> None:
         """VariantRefused (a skip, not recorded as the implementation's refusal) when the variant's
-        weights, predicted from the run's own variant, would not fit in the device's free memory."""
+        weights, predicted from the run's own variant, would not fit in the device's free memory once
+        every other variant is evicted (on the 7B gate on an H100, session 12: 23 GiB free for a
+        25 GiB float32 copy, one 12.5 GiB bf16 variant evictable; the attention-model suite's float32
+        reference held the rest)."""
         base = self._cache.get(self._base_key)
         if self.device.type != "cuda" or base is None:
             return
@@ -84,6 +87,8 @@ class ModelFactory:
         free, total = free_device_bytes(self.device)
         if need <= free - self.activation_headroom_share * total:
             return
+        for key in [k for k in self._cache if k != self._base_key]:  # every other variant makes way first
+            self._cache.pop(key)
         release_device_memory(self.device)  # garbage and cached blocks count as used until returned
         free, total = free_device_bytes(self.device)
         if need > free - self.activation_headroom_share * total:
