@@ -140,6 +140,13 @@ def pytest_runtest_call(item):
         return (yield)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _state(item.config).stamp_compile_seconds(report)  # here, in the xdist worker that compiled
+    return report
+
+
 def _budgeted(config, nodeid: str, budget: int):
     state = _state(config)
     return budgets.budgeted(state.device, nodeid, budget, record=state.records.append, fail=_fail)

@@ -151,9 +151,11 @@ def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
     session = session_module.RunSession(RunConfig(), [], "cpu", "float32", Tolerances())
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 10.0)
     setup = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="setup", outcome="passed", duration=1.0)
+    session.stamp_compile_seconds(setup)  # where the phase ran (an xdist worker), as its report is made
     session.record_phase(setup)  # a passing set-up decides nothing: no row
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 12.5)
     call = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="call", outcome="passed", duration=5.0,
                            skipped=False, failed=False, longrepr=None)
+    session.stamp_compile_seconds(call)
     session.record_phase(call)
     assert [(row["when"], row["duration_s"], row["compile_s"]) for row in session.outcomes] == [("call", 5.0, 2.5)]

@@ -40,19 +40,40 @@ class SuiteTime:
                 "total_s": round(self.total_s, 2)}
 
 
+# The attribute a phase's report carries its compile seconds in (pytest-xdist sends a report's
+# extra attributes from the worker to the controller, which writes the report card).
+COMPILE_ATTRIBUTE = "harness_compile_s"
+
+
+@dataclass
+class CompileClock:
+    """This process's torch.compile seconds since its last reading. Read as each test phase's report
+    is made, in the process that ran the phase: under pytest-xdist the controller, which collects
+    the reports, compiles nothing itself (its own counter left the compile column at 0 on CPU CI)."""
+
+    _last: float | None = None
+
+    def since_last(self, compiled_so_far: float) -> float:
+        before = compiled_so_far if self._last is None else self._last  # the first reading: a baseline
+        self._last = compiled_so_far
+        return max(compiled_so_far - before, 0.0)  # a counter reset (torch._dynamo.reset) reads as none
+
+
+def phase_compile_seconds(report) -> float:
+    """The compile seconds a phase's report carries (0 for a report made without the harness)."""
+    return float(getattr(report, COMPILE_ATTRIBUTE, 0.0) or 0.0)
+
+
 @dataclass
 class RunTimes:
-    """Fed one test phase at a time (pytest's setup/call/teardown reports, in order)."""
+    """Fed one test phase at a time (pytest's setup/call/teardown reports)."""
 
     suites: dict[str, SuiteTime] = field(default_factory=dict)
-    _compiled_before: float | None = None
 
-    def phase_done(self, suite: str, when: str, duration_s: float, compiled_so_far: float) -> float:
-        """Adds the phase to its suite; returns the seconds of it spent compiling."""
-        before = compiled_so_far if self._compiled_before is None else self._compiled_before
-        # a counter reset (torch._dynamo.reset) reads as no compiling, not as negative time
-        compiling = min(max(compiled_so_far - before, 0.0), duration_s)
-        self._compiled_before = compiled_so_far
+    def phase_done(self, suite: str, when: str, duration_s: float, compile_s: float) -> float:
+        """Adds the phase to its suite; returns the seconds of it spent compiling (never more than
+        the phase lasted: torch counts compiling in threads that overlap it)."""
+        compiling = min(max(compile_s, 0.0), duration_s)
         times = self.suites.setdefault(suite, SuiteTime())
         times.compile_s += compiling
         if when == "call":
