@@ -48,7 +48,7 @@ def test_a_variant_that_cannot_fit_the_free_device_memory_is_a_skip_with_the_num
     spec = resolve_model("tiny:llama")[0]
     factory = ModelFactory(spec, torch.device("cpu"), torch.bfloat16)
     base = factory("eager")
-    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    base_bytes = factory_module._model_bytes(base)
     factory.device = torch.device("cuda")  # the check reads the device's memory only on CUDA
     total = 100 * base_bytes
     free = {"bytes": 6 * base_bytes + 1}  # float32 weights: 2 x base; headroom: 5 % of total = 5 x base

@@ -57,12 +57,14 @@ def test_compile_seconds_reach_the_controller_on_the_report(monkeypatch):
     def session():
         return session_module.RunSession(RunConfig(), [], "cpu", "float32", Tolerances())
 
+    def phase(when: str, duration: float) -> TestReport:
+        return TestReport("suites/test_x.py::test_y", ("suites/test_x.py", 1, "test_y"), {}, "passed", None, when,
+                          duration=duration)
+
     worker, controller = session(), session()
-    report = TestReport("suites/test_x.py::test_y", ("suites/test_x.py", 1, "test_y"), {}, "passed", None, "call",
-                        duration=5.0)
+    report = phase("call", 5.0)
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 10.0)
-    worker.stamp_compile_seconds(TestReport("suites/test_x.py::test_y", ("suites/test_x.py", 1, "test_y"), {},
-                                            "passed", None, "setup", duration=0.1))  # the worker's baseline
+    worker.stamp_compile_seconds(phase("setup", 0.1))  # the worker's baseline
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 13.0)
     worker.stamp_compile_seconds(report)
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 0.0)  # the controller compiled nothing

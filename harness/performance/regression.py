@@ -130,15 +130,15 @@ def compare(baseline, current, rules) -> list[Comparison]:
     other work in the baseline (WORKLOAD_FIELDS) is a usage error: no verdict can come from it."""
     rules = [parse_rule(r) if isinstance(r, str) else r for r in rules]
     base, cur = load_benchmarks(baseline), load_benchmarks(current)
-    other_work = {name: workload_differences(base[name], cur[name]) for name in sorted(base.keys() & cur.keys())}
-    other_work = {name: diff for name, diff in other_work.items() if diff}
+    shared = sorted(base.keys() & cur.keys())
+    other_work = {name: diff for name in shared if (diff := workload_differences(base[name], cur[name]))}
     if other_work:
         name, diff = next(iter(other_work.items()))
         raise HarnessUsageError(
             f"the baseline timed other work in {len(other_work)} benchmark(s), e.g. {name}: {'; '.join(diff)}; "
             "record a new baseline with this version and profile (python -m harness.gate --save-baseline FILE)")
     found = []
-    for name in sorted(base.keys() & cur.keys()):
+    for name in shared:
         for rule in rules:
             before, after = _value(base[name], rule.field), _value(cur[name], rule.field)
             if isinstance(before, (int, float)) and isinstance(after, (int, float)):
