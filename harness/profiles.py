@@ -1,14 +1,13 @@
 """Profiles: how much one run checks, in one table (issue 17).
 
-A profile sets together what would otherwise be three separate switches: whether the tests marked
-``slow`` run (pytest's ``--run-slow``), how hard hypothesis searches (its profile of the same
-name, selected with HYPOTHESIS_PROFILE), and whether the attention-kernel search draws its shapes
-from harness.equivalence.attention_cases.SHAPE_BUCKETS (one compile per bucket) or searches every shape.
+A profile sets together what would otherwise be separate switches: whether the tests marked
+``slow`` run (pytest's ``--run-slow``) and how hard hypothesis searches (its profile of the same
+name, selected with HYPOTHESIS_PROFILE). In every profile the attention kernels that compile per
+shape draw their shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS on the devices where
+they compile, and the others search every shape.
 
 - ``ci``: the default, and the gate's ``quick`` profile: bounded for the 2-core CI machine and a
   gate in minutes; derandomised, so a rerun checks the same inputs (``--seed`` still moves values);
-  every profile searches every shape: the kernel-shape buckets are there for a profile that wants
-  them, and measured slower on a cold H200 gate;
 - ``full``: the gate's ``full`` profile, the acceptance check: slow tests, 400 examples, every shape;
 - ``explore``: seed sweeps (examples/seed-sweep.sh): ci's budget, shapes drawn from
   ``--hypothesis-seed`` instead of a fixed search.
@@ -26,15 +25,12 @@ class Profile:
     run_slow: bool  # the tests marked slow run too (pytest --run-slow)
     max_examples: int  # hypothesis examples per search
     derandomize: bool  # hypothesis draws the same examples every run
-    kernel_shape_buckets: bool  # the kernel search draws shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS
 
 
 PROFILES = {p.name: p for p in (
-    # kernel_shape_buckets off: measured on the H200's cold gate (session 9), the bucketed search
-    # compiled 148 s of flex kernels against 56 s for the free one (see harness.equivalence.attention_cases)
-    Profile("ci", run_slow=False, max_examples=30, derandomize=True, kernel_shape_buckets=False),
-    Profile("full", run_slow=True, max_examples=400, derandomize=False, kernel_shape_buckets=False),
-    Profile("explore", run_slow=False, max_examples=30, derandomize=False, kernel_shape_buckets=False),
+    Profile("ci", run_slow=False, max_examples=30, derandomize=True),
+    Profile("full", run_slow=True, max_examples=400, derandomize=False),
+    Profile("explore", run_slow=False, max_examples=30, derandomize=False),
 )}
 DEFAULT = "ci"
 # `python -m harness.gate --profile NAME` -> the profile it runs

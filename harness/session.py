@@ -170,10 +170,11 @@ class RunSession:
 def start_session(options: dict, xdist_workers: int, planted_fault) -> RunSession:
     """The run's session from the command line's values (harness.config.run_config): models resolved,
     device, dtype and tolerances; hypothesis' profiles registered; the planted fault switched on
-    (activate_planted_fault); the persistent compile caches enabled. Bad input: HarnessUsageError."""
+    (activate_planted_fault); the persistent compile caches enabled, and torch.compile's silent eager
+    fallback turned into an error (refuse_eager_fallback). Bad input: HarnessUsageError."""
     from harness.gpu_workers import setup_xdist_gpus
     from harness.models.loading import resolve_model
-    from harness.performance.compile_cache import enable_persistent_compile_caches
+    from harness.performance.compile_cache import enable_persistent_compile_caches, refuse_eager_fallback
 
     # before anything initialises CUDA: an xdist worker sees only its own GPU
     setup_xdist_gpus(planned_workers=xdist_workers)
@@ -186,6 +187,7 @@ def start_session(options: dict, xdist_workers: int, planted_fault) -> RunSessio
     register_hypothesis_profiles()
     activate_planted_fault(planted_fault)
     compile_caches = enable_persistent_compile_caches(cache_root(), device)
+    refuse_eager_fallback()
     return RunSession(run=run, specs=specs, device=device, dtype=dtype, tolerances=tolerances,
                       compile_caches=compile_caches)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from harness.equivalence.attention_cases import attention_cases, check_attention_kernel
+from harness.equivalence.attention_cases import SHAPE_BUCKETS, AttentionCase, attention_cases, check_attention_kernel
 from harness.equivalence.attention_model import compare_model_outputs, model_forward, reference_context, upcast_reference
 from harness.backends.attention import ATTENTION_BACKENDS
 from harness.equivalence.tolerances import Tolerances
@@ -59,23 +59,45 @@ def test_kernel_suite_rule_catches_fault_and_shrinks_to_its_feature(fault):
     print(f"{fault} ({FAULT_DESCRIPTIONS[fault]}): {verdict.message}")
 
 
+def _bucketed(fails):
+    return lambda case: fails(case.in_bucket())
+
+
 @pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
-def test_bucketed_search_of_the_quick_profile_catches_fault(fault):
-    """The quick profile draws shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS (one compile per bucket):
-    that narrower search must still find every kernel fault, within the ci profile's 30 examples."""
-    find(attention_cases(buckets=True), _kernel_fails(KERNEL_FAULTS[fault], fault),
+def test_bucketed_search_of_compiled_kernels_catches_fault(fault):
+    """Kernels compiled per shape (flex_attention on CUDA) have their examples moved onto
+    harness.equivalence.attention_cases.SHAPE_BUCKETS: that narrower search must still find every
+    kernel fault, within the ci profile's 30 examples, from the CUDA suites' strategy."""
+    find(attention_cases(max_len=160), _bucketed(_kernel_fails(KERNEL_FAULTS[fault], fault)),
          settings=settings(max_examples=30, derandomize=True, database=None))
 
 
-@pytest.mark.parametrize("buckets", [False, True], ids=["free", "bucketed"])
+@pytest.mark.parametrize("bucketed", [False, True], ids=["free", "bucketed"])
 @pytest.mark.parametrize("name", ["sdpa_math", "sdpa_flash", "flex_attention"])
-def test_correct_kernels_pass_the_same_search(name, buckets):
+def test_correct_kernels_pass_the_same_search(name, bucketed):
     """The control: the search that finds every fault finds nothing in the real kernels (fp32 CPU)."""
     from hypothesis.errors import NoSuchExample
 
+    fails = _kernel_fails(ATTENTION_BACKENDS[name].kernel.fn, name)
     with pytest.raises(NoSuchExample):
-        find(attention_cases(buckets=buckets), _kernel_fails(ATTENTION_BACKENDS[name].kernel.fn, name),
+        find(attention_cases(max_len=160) if bucketed else attention_cases(), _bucketed(fails) if bucketed else fails,
              settings=settings(max_examples=60, derandomize=True, database=None))
+
+
+def test_bucketed_case_keeps_what_the_faults_need():
+    """in_bucket keeps the case's kind (decode / square / chunked prefill), masks, causality, padding
+    and window, and lands on a listed bucket."""
+    case = AttentionCase(batch=1, q_heads=2, kv_heads=2, q_len=5, k_len=9, head_dim=100, causal=True, window=4,
+                         mask="bool", padding="left", valid_keys=(0,), seed=7)
+    moved = case.in_bucket()
+    shape = (moved.batch, moved.kv_heads, moved.q_heads // moved.kv_heads, moved.q_len, moved.k_len, moved.head_dim)
+    assert shape in SHAPE_BUCKETS and 1 < moved.q_len < moved.k_len
+    assert (moved.causal, moved.window, moved.mask, moved.padding) == (True, 4, "bool", "left")
+    assert moved.valid_keys[0] == 0 and len(moved.valid_keys) == moved.batch  # a fully padded row stays one
+    decode = AttentionCase(q_len=1, k_len=3, window=4, seed=1).in_bucket()
+    assert decode.q_len == 1 and decode.window <= decode.k_len + 1
+    kinds = {AttentionCase(q_len=n, k_len=n, seed=s).in_bucket().k_len for n in (2, 30) for s in range(6)}
+    assert len(kinds) > 1  # the seed spreads square prefills over the square buckets
 
 
 # ---------------------------------------------------------------------------------------------

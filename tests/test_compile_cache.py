@@ -2,10 +2,12 @@
 
 import os
 
+import pytest
 import torch
 
-from harness.performance.compile_cache import (CACHE_VARIABLES, cache_key, cache_use, enable_persistent_compile_caches,
-                                               probes_file, remembered_probe)
+from harness.performance.compile_cache import (CACHE_VARIABLES, RECOMPILE_LIMIT, cache_key, cache_use,
+                                               enable_persistent_compile_caches, probes_file, refuse_eager_fallback,
+                                               remembered_probe)
 
 
 def test_caches_are_keyed_by_torch_transformers_and_device(tmp_path, monkeypatch):
@@ -60,3 +62,28 @@ def test_a_package_upgrade_forgets_what_worked(tmp_path, monkeypatch):
     for _ in range(3):
         remembered_probe("q", cpu, None, lambda: calls.append(1), packages=("somepkg",))
     assert len(calls) == 2  # 1.0 probed once, then 2.0 probed again
+
+
+def test_a_function_compiled_past_the_limit_fails_instead_of_running_eagerly():
+    """torch.compile's own answer past its recompile limit is to run the function uncompiled for the rest
+    of the process; under the harness that is an error, so no check reports an eager run as compiled."""
+    import torch._dynamo
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    def double(x):
+        return x * 2
+
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False):
+        refuse_eager_fallback(limit=3)
+        compiled = torch.compile(double, backend="eager", dynamic=False)
+        for n in (1, 2, 3):
+            assert torch.equal(compiled(torch.ones(n)), torch.full((n,), 2.0))
+        with pytest.raises(FailOnRecompileLimitHit):
+            compiled(torch.ones(4))
+
+
+def test_the_harness_session_refuses_eager_fallback_at_its_limit():
+    import torch._dynamo
+
+    assert torch._dynamo.config.fail_on_recompile_limit_hit
+    assert torch._dynamo.config.recompile_limit >= RECOMPILE_LIMIT

@@ -180,8 +180,8 @@ _sdpa("sdpa_efficient", "EFFICIENT_ATTENTION")
 _sdpa("sdpa_flash", "FLASH_ATTENTION", **_FUSED_SDPA_ON_CUDA)
 _sdpa("sdpa_cudnn", "CUDNN_ATTENTION", probe=_sdpa_probe(
     "CUDNN_ATTENTION", needs_cuda="cuDNN attention needs a CUDA device; this run is on CPU"), **_FUSED_SDPA_ON_CUDA)
-register(AttentionBackend("flex_attention", KernelImpl("flex_attention", flex_attention_impl), "flex_attention",
-                          _flex_probe, compiles_model_per_shape_on_cpu=True))
+register(AttentionBackend("flex_attention", KernelImpl("flex_attention", flex_attention_impl, compiles_per_shape_on=("cuda",)),
+                          "flex_attention", _flex_probe, compiles_model_per_shape_on_cpu=True))
 
 # flash-attn packages: causal and windows only (padding needs their varlen API), fp16/bf16 only
 _FLASH_KERNEL = dict(dense_masks=False, additive_masks=False, low_precision_only=True, head_dim_multiple=8)
@@ -190,6 +190,7 @@ for _name, _module, _kernel_module, _min_cc, _package in (
         ("flash_attention_3", "flash_attn_interface", "flash_attn_interface", (9, 0),
          "flash-attn 3 (hopper/ build of flash-attention)"),
         ("flash_attention_4", "flash_attn.cute", "flash_attn.cute", (9, 0), "flash-attn-4 (pip install flash-attn-4)")):
-    register(AttentionBackend(_name, KernelImpl(_name, flash_attn_package_impl(_kernel_module), **_FLASH_KERNEL), _name,
-                              _package_probe(_module, _min_cc, _package, rocm=_name == "flash_attention_2"),
+    register(AttentionBackend(_name, KernelImpl(_name, flash_attn_package_impl(_kernel_module), **_FLASH_KERNEL,
+                                                compiles_per_shape_on=("cuda",) if _name == "flash_attention_4" else ()),
+                              _name, _package_probe(_module, _min_cc, _package, rocm=_name == "flash_attention_2"),
                               measured=_name == "flash_attention_2"))

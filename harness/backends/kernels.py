@@ -187,3 +187,6 @@ class KernelImpl:
     head_dim_multiple: int = 1
     causal_square_only: bool = False  # causal only where SDPA's top-left is_causal agrees (q_len == k_len or 1)
     low_precision_only: bool = False  # fp16/bf16 only (flash kernels)
+    # device types where it compiles a kernel per input shape (flex_attention via torch.compile,
+    # flash-attn-4's CuTe DSL JIT): searches draw its shapes from a few buckets there
+    compiles_per_shape_on: tuple[str, ...] = ()

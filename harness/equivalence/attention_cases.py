@@ -55,6 +55,23 @@ class AttentionCase:
             case = dataclasses.replace(case, causal=False)
         return case
 
+    def in_bucket(self, buckets=None) -> "AttentionCase":
+        """The same case on one of ``buckets`` (default SHAPE_BUCKETS) of its own kind (decode, square
+        or chunked prefill; the seed picks among several): masks, padding, causality and the window are
+        kept, the valid keys scaled to the bucket's length, the window capped at it."""
+        import dataclasses
+
+        buckets = SHAPE_BUCKETS if buckets is None else buckets
+        kind = _kind_of_shape(self.q_len, self.k_len)
+        same_kind = [b for b in buckets if _kind_of_shape(b[3], b[4]) == kind] or list(buckets)
+        batch, kv_heads, groups, q_len, k_len, head_dim = same_kind[self.seed % len(same_kind)]
+        valid = tuple(round(n * k_len / self.k_len) for n in self.valid_keys[:batch])
+        if self.mask != "none":
+            valid += (k_len,) * (batch - len(valid))
+        return dataclasses.replace(self, batch=batch, q_heads=kv_heads * groups, kv_heads=kv_heads, q_len=q_len,
+                                   k_len=k_len, head_dim=head_dim, valid_keys=valid,
+                                   window=None if self.window is None else min(self.window, k_len + 1))
+
     def tensors(self, dtype, device):
         """(q, k, v, mask) with q/k/v rounded to ``dtype`` (so every implementation sees the same inputs)."""
         gen = torch.Generator().manual_seed(self.seed)
@@ -78,40 +95,39 @@ class AttentionCase:
         return q, k, v, mask
 
 
-# Shape buckets for a bounded kernel search (issue 15): flex_attention and flash-attn-4 compile a
-# kernel per new input shape, so a free search compiles one per example, until torch.compile's
-# recompile limit (8 per function) makes the rest run uncompiled. Each bucket shows a structure the
-# faults in tests/planted_faults.py need (decode with GQA, square prefill with MHA, chunked prefill
-# with MQA and odd lengths, a head size that is no multiple of 16, and, where the suite allows long
-# inputs, a long prefill and a long decode); masks, padding, windows, causality and values are still
-# drawn freely. Measured on a cold H200 gate (session 9) the bucketed search compiled longer (148 s of
-# flex kernels against 56 s for the free search; why is not yet known: the mask kinds still make
-# new graphs per bucket), so no profile uses it by default (harness.profiles).
+# Shape buckets for the kernels that compile per input shape (KernelImpl.compiles_per_shape_on:
+# flex_attention through torch.compile, flash-attn-4's CuTe DSL JIT). A free search compiled one
+# kernel per example until torch.compile's recompile limit (8 graphs per function and process) made
+# every later example run flex_attention uncompiled, unnoticed; the harness now fails at that limit
+# (harness.performance.compile_cache.refuse_eager_fallback), so these kernels' examples are moved
+# onto a bucket (AttentionCase.in_bucket): at most len(SHAPE_BUCKETS) x 3 mask kinds (no block
+# mask, a block mask, a block mask with an additive score_mod) graphs per dtype. Each bucket shows
+# a structure the faults in tests/planted_faults.py need: decode with GQA, square prefill with MHA,
+# chunked prefill with MQA and odd lengths, a head size that is no multiple of 16, a prefill longer
+# than flex_attention's 128-token block and a long decode. Masks, padding, windows, causality and
+# values are still drawn freely, and the kernels that do not compile per shape search every shape.
 # (batch, kv_heads, groups, q_len, k_len, head_dim); groups 1 = MHA, kv_heads 1 with groups > 1 = MQA
-SHAPE_BUCKETS = ((1, 2, 3, 1, 40, 64), (2, 4, 1, 40, 40, 128), (3, 1, 2, 17, 33, 80), (2, 2, 2, 7, 7, 36))
-LONG_SHAPE_BUCKETS = ((2, 2, 2, 160, 160, 64), (1, 1, 4, 1, 127, 128))
+SHAPE_BUCKETS = ((1, 2, 3, 1, 40, 64), (2, 4, 1, 40, 40, 128), (3, 1, 2, 17, 33, 80), (2, 2, 2, 7, 7, 36),
+                 (2, 2, 2, 160, 160, 64), (1, 1, 4, 1, 127, 128))
 
 
-def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3,
-                    buckets: bool = False):
+def _kind_of_shape(q_len: int, k_len: int) -> str:
+    return "decode" if q_len == 1 else "square" if q_len == k_len else "chunked"
+
+
+def attention_cases(max_len: int = 40, head_dims=(32, 36, 64, 80, 100, 128, 256), max_batch: int = 3):
     """hypothesis strategy over AttentionCase: decode (q_len=1), chunked prefill (q_len < k_len),
-    square prefill, GQA/MQA/MHA, masks, padding on either side, windows. With ``buckets`` the
-    shapes come from SHAPE_BUCKETS (and LONG_SHAPE_BUCKETS when max_len allows them)."""
+    square prefill, GQA/MQA/MHA, masks, padding on either side, windows."""
     from hypothesis import strategies as st
-
-    shapes = [b for b in SHAPE_BUCKETS + LONG_SHAPE_BUCKETS if b[4] <= max_len and b[0] <= max_batch]
 
     @st.composite
     def cases(draw):
-        if buckets:
-            batch, kv_heads, groups, q_len, k_len, head_dim = draw(st.sampled_from(shapes))
-        else:
-            batch = draw(st.integers(1, max_batch))
-            kv_heads = draw(st.sampled_from([1, 2, 4]))
-            groups = draw(st.sampled_from([1, 2, 3]))  # 1 = MHA; kv_heads=1 with groups>1 = MQA
-            k_len = draw(st.integers(1, max_len))
-            q_len = draw(st.one_of(st.just(1), st.just(k_len), st.integers(1, k_len)))
-            head_dim = draw(st.sampled_from(head_dims))
+        batch = draw(st.integers(1, max_batch))
+        kv_heads = draw(st.sampled_from([1, 2, 4]))
+        groups = draw(st.sampled_from([1, 2, 3]))  # 1 = MHA; kv_heads=1 with groups>1 = MQA
+        k_len = draw(st.integers(1, max_len))
+        q_len = draw(st.one_of(st.just(1), st.just(k_len), st.integers(1, k_len)))
+        head_dim = draw(st.sampled_from(head_dims))
         mask = draw(st.sampled_from(["none", "bool", "additive"]))
         valid = tuple(draw(st.integers(0, k_len)) for _ in range(batch)) if mask != "none" else ()
         return AttentionCase(

@@ -8,6 +8,9 @@ runs and a library or driver upgrade starts clean. A variable the user already s
 
 `cache_use()` reads inductor's own counters at the end of a run: hits and misses of the FX-graph
 cache, which the report shows (a warm run should have hits and no misses).
+
+`refuse_eager_fallback()` makes a compiled function that has been recompiled too often fail
+instead of quietly running uncompiled (see RECOMPILE_LIMIT).
 """
 
 from __future__ import annotations
@@ -17,6 +20,16 @@ import re
 from pathlib import Path
 
 CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+
+# torch.compile stops compiling a function after `recompile_limit` graphs (8 by default) and from
+# then on runs it eagerly, for the rest of the process, with one log line. Every torch.compile of
+# one function shares that count: the kernel suite's flex_attention search used the 8 up in its first
+# examples and every later example, and transformers' own compiled flex_attention in the model
+# suites after it, ran the unfused eager path while reported as the compiled kernel. The harness
+# makes that an error, and sizes the limit for its largest bounded search: the flex kernel search
+# compiles at most (shape buckets x 3 mask kinds + pinned hard cases) x 3 dtypes, about 70 graphs
+# (harness.equivalence.attention_cases.SHAPE_BUCKETS), in one process.
+RECOMPILE_LIMIT = 128
 
 
 def cache_key(device) -> str:
@@ -41,6 +54,17 @@ def enable_persistent_compile_caches(root: Path, device) -> dict[str, str]:
             path.mkdir(parents=True, exist_ok=True)
             os.environ[variable] = str(path)
     return {variable: os.environ[variable] for variable in CACHE_VARIABLES}
+
+
+def refuse_eager_fallback(limit: int = RECOMPILE_LIMIT) -> None:
+    """From now on in this process, a function compiled more than ``limit`` times raises
+    torch._dynamo's FailOnRecompileLimitHit instead of running uncompiled."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, limit)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * limit)
+    config.fail_on_recompile_limit_hit = True
 
 
 def cache_use() -> dict[str, int]:
