@@ -276,16 +276,15 @@ def reference_model(model_factory):
 
 @pytest.fixture(scope="session")
 def known_transformers_bug():
-    """known_transformers_bug(applies, what): xfail naming a bug of an older transformers release
-    (harness.backends.capabilities.older_transformers) when it applies there; otherwise return, so the
-    caller's failure stands."""
+    """known_transformers_bug(applies, what, fixed_in=(5, 24)): xfail naming a bug of transformers
+    releases older than ``fixed_in`` (harness.backends.capabilities.older_transformers) when it applies
+    there; otherwise return, so the caller's failure stands."""
     from harness.backends.capabilities import TRANSFORMERS_FIXED_IN, older_transformers
 
-    def check(applies: bool, what: str) -> None:
-        version = older_transformers()
+    def check(applies: bool, what: str, fixed_in: tuple[int, int] = TRANSFORMERS_FIXED_IN) -> None:
+        version = older_transformers(fixed_in)
         if applies and version:
-            pytest.xfail(f"transformers {version}: {what}; passes on transformers "
-                         f"{'.'.join(map(str, TRANSFORMERS_FIXED_IN))}")
+            pytest.xfail(f"transformers {version}: {what}; passes on transformers {'.'.join(map(str, fixed_in))}")
 
     return check
 

@@ -55,6 +55,8 @@ class CacheType:
     build: Callable
     not_applicable: Callable = field(default=lambda model, device: None)
     lossy: bool = False
+    # (what, the transformers release that fixed it): a bug of older releases that shows on an accelerator
+    accelerator_bug: tuple[str, tuple[int, int]] | None = None
     # tokens_per_layer(model, fed_tokens, max_cache_len) -> the tokens each layer holds, for a cache
     # that stores K and V in the model's dtype, so its bytes must equal harness.performance.predictions'
     # kv_cache_bytes formula (the KV-memory suite checks every such type); None: it compresses or
@@ -151,6 +153,13 @@ def _quantized_needs(backend: str):
     return check
 
 
+# transformers 5.17-5.19 (cache_utils.Cache.update): the next offloaded layer is copied back on a side
+# stream that waits for nothing on the default stream, so it can read a layer whose copy to the CPU is
+# still running; 5.20 makes the side stream wait. Seen once on an H100 (session 12): offloaded-static's
+# logits 0.80 away from the uncached run's at the first decoded step, with four processes on the GPU.
+OFFLOAD_PREFETCH_RACE = ("the offloaded cache prefetches a layer on a side stream without waiting for its copy "
+                         "to the CPU (a race: now and then stale keys and values)", (5, 20))
+
 CACHE_TYPES: Registry = Registry("cache type")
 for _cache_type in [
     CacheType("dynamic", "DynamicCache without a config: full-length layers, grows by concatenation", _dynamic,
@@ -160,9 +169,10 @@ for _cache_type in [
     CacheType("static", "StaticCache: preallocated max_cache_len slots (sliding/hybrid layers per the config)",
               _static, _static_needs(False), tokens_per_layer=_layer_lengths(preallocated=True, windowed=True)),
     CacheType("offloaded", "DynamicCache(offloading=True): layers parked on CPU between uses",
-              _offloaded, _needs_accelerator),
+              _offloaded, _needs_accelerator, accelerator_bug=OFFLOAD_PREFETCH_RACE),
     CacheType("offloaded-static", "StaticCache(offloading=True)",
-              lambda model, n: _static(model, n, offloading=True), _static_needs(True)),
+              lambda model, n: _static(model, n, offloading=True), _static_needs(True),
+              accelerator_bug=OFFLOAD_PREFETCH_RACE),
     CacheType("quantized-quanto", "QuantizedCache, quanto int4 backend", _quantized("quanto"), _quantized_needs("quanto"), lossy=True),
     CacheType("quantized-hqq", "QuantizedCache, HQQ int4 backend", _quantized("hqq"), _quantized_needs("hqq"), lossy=True),
     CacheType("quantized-fp8", "QuantizedCache, fp8 e4m3 per-tensor backend", _quantized("fp8"), _quantized_needs("fp8"), lossy=True),

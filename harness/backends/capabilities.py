@@ -147,10 +147,10 @@ def by_name(caps) -> dict[str, Capability]:
 TRANSFORMERS_FIXED_IN = (5, 24)
 
 
-def older_transformers() -> str | None:
-    """The installed transformers version when it is older than TRANSFORMERS_FIXED_IN, else None."""
+def older_transformers(fixed_in: tuple[int, int] = TRANSFORMERS_FIXED_IN) -> str | None:
+    """The installed transformers version when it is older than ``fixed_in``, else None."""
     import transformers
     from packaging.version import Version
 
     v = Version(transformers.__version__)
-    return transformers.__version__ if (v.major, v.minor) < TRANSFORMERS_FIXED_IN else None
+    return transformers.__version__ if (v.major, v.minor) < fixed_in else None
