@@ -12,8 +12,10 @@ two phases:
 A shard is whole test functions (every parametrisation of one function in one process, so session
 fixtures and compiled kernels are built once per function), spread by weight, largest first, onto
 the lightest shard: deterministic, so a rerun gives the same split. An item's weight is its
-duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), else 1;
-an item already marked to skip weighs nothing.
+duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), less what
+it spent compiling (the caches are warm now); on a fresh runner, the durations of a measured cold
+gate shipped in ``PRIOR_DURATIONS``, compile included (a test of another model: the mean of its
+function there); an item already marked to skip weighs nothing.
 
 While shards share the device, a memory meter cannot use NVML's device-wide reading (it would
 count the other shards' memory); ``SHARED_DEVICE_VARIABLE`` tells it so, and it keeps the
@@ -40,6 +42,11 @@ HISTORY_VARIABLE = "HARNESS_SHARD_HISTORY"
 # The exclusive process starts with the shards (imports, collection) and waits for this file
 # before its first test
 START_AFTER_VARIABLE = "HARNESS_START_AFTER"
+# A fresh runner has no earlier run: by item count, one shard of session 12's cold gate got the
+# flex_attention search and the static-cache compile together and ran 210 s against 86-133 s for
+# the others. These are a cold quick gate's call durations on the default model (written by
+# `python -m harness.sharding prior RESULTS_JSON`, from a run of examples/gpu-session.sh).
+PRIOR_DURATIONS = Path(__file__).parent / "data" / "shard-durations.json"
 EXCLUSIVE_MARKER = "exclusive"
 
 
@@ -106,23 +113,50 @@ def device_is_shared(environ=None) -> bool:
     return bool((environ if environ is not None else os.environ).get(SHARED_DEVICE_VARIABLE))
 
 
-def history_weights(nodeids: list[str], skipped: list[bool], history_path: str | None) -> list[float]:
-    """Weights for assign_shards: earlier durations (call phase, seconds, less what torch.compile
-    took in them) where known, the median known duration for new items, 1 each without history; 0
-    for items marked to skip. Compile seconds are left out because the gate's second run on a runner
-    finds them in the persistent compile caches: a first run's kernel searches spent minutes
-    compiling and then take seconds, so counting them gave one shard a fifth of the others' work."""
-    durations: dict[str, float] = {}
-    if history_path:
-        try:
-            rows = json.loads(Path(history_path).read_text()).get("outcomes", [])
-            durations = {row["nodeid"]: max(float(row["duration_s"]) - float(row.get("compile_s", 0.0)), 0.0)
-                         for row in rows if row.get("when") == "call" and "duration_s" in row}
-        except (OSError, ValueError, AttributeError, KeyError, TypeError):
-            durations = {}  # a missing or foreign file: split by item count
+def call_durations(results_path, less_compile: bool) -> dict[str, float]:
+    """nodeid -> call-phase seconds from a results.json (or PRIOR_DURATIONS), less the seconds
+    torch.compile took in them when ``less_compile``; {} for a missing or foreign file."""
+    try:
+        rows = json.loads(Path(results_path).read_text()).get("outcomes", [])
+        return {row["nodeid"]: max(float(row["duration_s"]) - (float(row.get("compile_s", 0.0)) if less_compile else 0.0), 0.0)
+                for row in rows if row.get("when") == "call" and "duration_s" in row}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def history_weights(nodeids: list[str], skipped: list[bool], history_path: str | None,
+                    prior_path: Path | None = PRIOR_DURATIONS) -> list[float]:
+    """Weights for assign_shards; 0 for items marked to skip. With an earlier run (``history_path``):
+    its durations less compile seconds, the median known duration for new items. Compile seconds are
+    left out because the gate's second run on a runner finds them in the persistent compile caches: a
+    first run's kernel searches spent minutes compiling and then take seconds, so counting them gave
+    one shard a fifth of the others' work. Without one: ``prior_path``'s cold durations, compile
+    included, and for an item it lacks the mean of its function's items there; 1 each without either."""
+    durations = call_durations(history_path, less_compile=True) if history_path else {}
+    by_function: dict[str, float] = {}
+    if not durations and prior_path is not None:
+        durations = call_durations(prior_path, less_compile=False)
+        grouped = defaultdict(list)
+        for nodeid, seconds in durations.items():
+            grouped[function_key(nodeid)].append(seconds)
+        by_function = {key: statistics.fmean(values) for key, values in grouped.items()}
     known = [durations[n] for n in nodeids if n in durations]
     default = statistics.median(known) if known else 1.0
-    return [0.0 if skip else durations.get(nodeid, default) for nodeid, skip in zip(nodeids, skipped)]
+    return [0.0 if skip else durations.get(nodeid, by_function.get(function_key(nodeid), default))
+            for nodeid, skip in zip(nodeids, skipped)]
+
+
+def write_prior(results_path: str, out_path: Path = PRIOR_DURATIONS) -> int:
+    """PRIOR_DURATIONS from a cold gate's results.json: its call rows, nothing else; returns how many."""
+    results = json.loads(Path(results_path).read_text())
+    rows = [{key: row[key] for key in ("nodeid", "when", "duration_s", "compile_s") if key in row}
+            for row in results.get("outcomes", []) if row.get("when") == "call"]
+    environment = results.get("environment", {})
+    source = {"from": str(results_path), "started": results.get("started"), "wall_time_s": results.get("wall_time_s"),
+              "device": environment.get("gpu") or environment.get("device")}
+    lines = ",\n".join(json.dumps(row) for row in rows)  # a row a line: a refreshed prior diffs by test
+    Path(out_path).write_text(f'{{"source": {json.dumps(source)},\n"outcomes": [\n{lines}\n]}}\n')
+    return len(rows)
 
 
 def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:
@@ -137,3 +171,11 @@ def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:
             return False
         time.sleep(poll_s)
     return True
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "prior":
+        sys.exit("usage: python -m harness.sharding prior RESULTS_JSON   (writes " + str(PRIOR_DURATIONS) + ")")
+    print(f"{write_prior(sys.argv[2])} call durations written to {PRIOR_DURATIONS}")

@@ -116,7 +116,7 @@ def test_an_earlier_run_weighs_the_shards_by_time(tmp_path):
         {"nodeid": "c", "when": "setup", "duration_s": 9.0}, {"nodeid": "d", "when": "call", "duration_s": 4.0}]}))
     weights = history_weights(["a", "b", "c", "e"], [False, False, False, True], str(history))
     assert weights == [40.0, 2.0, 21.0, 0.0]  # c: no call duration, so the median of a and b; e: marked to skip
-    assert history_weights(["a", "b"], [False, False], str(tmp_path / "missing.json")) == [1.0, 1.0]
+    assert history_weights(["a", "b"], [False, False], str(tmp_path / "missing.json"), prior_path=None) == [1.0, 1.0]
     assert assign_shards(["x::big", "y::s1", "y::s2"], 2, [40.0, 2.0, 4.0]) == [0, 1, 1]
 
 
@@ -159,3 +159,24 @@ def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
     session.stamp_compile_seconds(call)
     session.record_phase(call)
     assert [(row["when"], row["duration_s"], row["compile_s"]) for row in session.outcomes] == [("call", 5.0, 2.5)]
+
+
+def test_a_fresh_runner_splits_by_the_shipped_cold_durations(tmp_path):
+    """No earlier run: the prior's durations, compile included (the caches are cold too); another
+    model's test gets its function's mean there; the shipped prior is a valid one."""
+    from harness.sharding import PRIOR_DURATIONS, call_durations, history_weights, write_prior
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"environment": {"gpu": "H100"}, "outcomes": [
+        {"nodeid": "k.py::search[flex]", "when": "call", "duration_s": 100.0, "compile_s": 95.0},
+        {"nodeid": "k.py::search[sdpa]", "when": "call", "duration_s": 2.0, "compile_s": 0.0},
+        {"nodeid": "k.py::search[flex]", "when": "setup", "duration_s": 5.0},
+        {"nodeid": "m.py::decode[smollm2-135m]", "when": "call", "duration_s": 10.0}]}))
+    prior = tmp_path / "prior.json"
+    assert write_prior(str(results), prior) == 3
+    weights = history_weights(["k.py::search[flex]", "m.py::decode[tiny:llama]", "n.py::new", "k.py::search[sdpa]"],
+                              [False, False, False, True], None, prior_path=prior)
+    assert weights == [100.0, 10.0, 51.0, 0.0]  # n.py::new: no function there, the median of this run's known ids
+    assert history_weights(["k.py::search[flex]"], [False], str(results), prior_path=prior) == [5.0]
+    shipped = call_durations(PRIOR_DURATIONS, less_compile=False)
+    assert len(shipped) > 100 and any("test_kernel_matches_fp64_reference" in n for n in shipped)
