@@ -14,7 +14,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-/tmp/gpu-out}
 logs=/tmp/gpu-logs
 mkdir -p "$out" "$logs"
-phase=${1:?phase: smoke | focus | gate-default | gates | faults | gate-7b | seeds | long}
+phase=${1:?phase: smoke | focus | flex | gate-default | gates | faults | gate-7b | seeds | long}
 tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd 'A-Za-z0-9' | tr A-Z a-z | sed 's/nvidia//')
 tag=${tag:-gpu}
 failed=0
@@ -49,6 +49,14 @@ case $phase in
     [ "${SEEDS_CAP:-100}" -gt 0 ] && JOBS=4 PY=python3 step seeds ${SEEDS_CAP:-100} bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 8 \
          suites/test_attention_dispatch.py --model smollm2-135m --device cuda --dtype bfloat16
     failed=0 ;;  # fault steps are expected to fail; summary.txt has every exit code
+  flex)  # flex_attention's kernel search compiled as transformers does (automatic dynamic shapes, the
+         # default) and for static shapes, each from empty compile caches, so neither warms the gate's
+    for mode in dynamic static; do
+      plugin=(); [ $mode = static ] && plugin=(-p examples.flex_static_plugin)
+      step "flex-$mode" ${CAP:-150} env TORCHINDUCTOR_CACHE_DIR=/tmp/flex-$mode/inductor TRITON_CACHE_DIR=/tmp/flex-$mode/triton \
+           $PYTEST "${plugin[@]}" suites/test_attention_kernels.py -k flex_attention --model tiny:llama \
+           --report-dir "reports/$tag-flex-$mode"
+    done ;;
   gate-default)  # the deployment gate on the trained default model; run twice: cold, then warm caches
     run=${RUN:-1}
     # one report directory for both runs: the second splits its shards by the first run's durations

@@ -124,9 +124,12 @@ def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
+    """flex_attention compiled as transformers compiles it (integrations/flex_attention.py: automatic
+    dynamic shapes), so the kernel search checks the kernels a model's flex_attention runs: a static
+    one for the first shape of each kind, then one with symbolic lengths for the shapes after it."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 def flex_attention_impl(q, k, v, *, mask=None, causal=False, window=None, scale=None):
