@@ -53,7 +53,8 @@ case $phase in
          # default) and for static shapes, each from empty compile caches, so neither warms the gate's
     for mode in dynamic static; do
       plugin=(); [ $mode = static ] && plugin=(-p examples.flex_static_plugin)
-      step "flex-$mode" ${CAP:-150} env TORCHINDUCTOR_CACHE_DIR=/tmp/flex-$mode/inductor TRITON_CACHE_DIR=/tmp/flex-$mode/triton \
+      step "flex-$mode" ${CAP:-150} env LLM_HARNESS_CACHE=/tmp/flex-$mode/hcache TORCHINDUCTOR_CACHE_DIR=/tmp/flex-$mode/inductor \
+           TRITON_CACHE_DIR=/tmp/flex-$mode/triton \
            $PYTEST "${plugin[@]}" suites/test_attention_kernels.py -k flex_attention --model tiny:llama \
            --report-dir "reports/$tag-flex-$mode"
     done ;;
