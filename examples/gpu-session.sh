@@ -49,10 +49,10 @@ case $phase in
     [ "${SEEDS_CAP:-100}" -gt 0 ] && JOBS=4 PY=python3 step seeds ${SEEDS_CAP:-100} bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 8 \
          suites/test_attention_dispatch.py --model smollm2-135m --device cuda --dtype bfloat16
     failed=0 ;;  # fault steps are expected to fail; summary.txt has every exit code
-  flex)  # flex_attention's kernel search compiled as transformers does (automatic dynamic shapes, the
-         # default) and for static shapes, each from empty compile caches, so neither warms the gate's
-    for mode in dynamic static; do
-      plugin=(); [ $mode = static ] && plugin=(-p examples.flex_static_plugin)
+  flex)  # flex_attention's kernel search compiled for static shapes (the harness's) and as transformers
+         # does (automatic dynamic shapes), each from empty compile caches, so neither warms the gate's
+    for mode in static dynamic; do
+      plugin=(); [ $mode = dynamic ] && plugin=(-p examples.flex_dynamic_plugin)
       step "flex-$mode" ${CAP:-150} env LLM_HARNESS_CACHE=/tmp/flex-$mode/hcache TORCHINDUCTOR_CACHE_DIR=/tmp/flex-$mode/inductor \
            TRITON_CACHE_DIR=/tmp/flex-$mode/triton \
            $PYTEST "${plugin[@]}" suites/test_attention_kernels.py -k flex_attention --model tiny:llama \

@@ -2,9 +2,10 @@
 
 A profile sets together what would otherwise be separate switches: whether the tests marked
 ``slow`` run (pytest's ``--run-slow``) and how hard hypothesis searches (its profile of the same
-name, selected with HYPOTHESIS_PROFILE). In every profile the attention kernels that compile per
-shape draw their shapes from harness.equivalence.attention_cases.SHAPE_BUCKETS on the devices where
-they compile, and the others search every shape.
+name, selected with HYPOTHESIS_PROFILE) and on how many shapes the attention kernels that compile per
+shape (flex_attention, flash-attn-4 on CUDA) are checked: ``quick``, three buckets that every case,
+the pinned hard cases too, is moved onto; ``wide``, nine, with the hard cases at their own shapes
+(harness.equivalence.attention_cases.KERNEL_BUCKET_SETS). The other kernels search every shape.
 
 - ``ci``: the default, and the gate's ``quick`` profile: bounded for the 2-core CI machine and a
   gate in minutes; derandomised, so a rerun checks the same inputs (``--seed`` still moves values);
@@ -25,12 +26,13 @@ class Profile:
     run_slow: bool  # the tests marked slow run too (pytest --run-slow)
     max_examples: int  # hypothesis examples per search
     derandomize: bool  # hypothesis draws the same examples every run
+    compiled_kernel_shapes: str  # "quick" | "wide": harness.equivalence.attention_cases.KERNEL_BUCKET_SETS
 
 
 PROFILES = {p.name: p for p in (
-    Profile("ci", run_slow=False, max_examples=30, derandomize=True),
-    Profile("full", run_slow=True, max_examples=400, derandomize=False),
-    Profile("explore", run_slow=False, max_examples=30, derandomize=False),
+    Profile("ci", run_slow=False, max_examples=30, derandomize=True, compiled_kernel_shapes="quick"),
+    Profile("full", run_slow=True, max_examples=400, derandomize=False, compiled_kernel_shapes="wide"),
+    Profile("explore", run_slow=False, max_examples=30, derandomize=False, compiled_kernel_shapes="quick"),
 )}
 DEFAULT = "ci"
 # `python -m harness.gate --profile NAME` -> the profile it runs

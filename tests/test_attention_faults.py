@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import find, settings
 
-from harness.equivalence.attention_cases import SHAPE_BUCKETS, AttentionCase, attention_cases, check_attention_kernel
+from harness.equivalence.attention_cases import QUICK_SHAPE_BUCKETS, SHAPE_BUCKETS, AttentionCase, attention_cases, check_attention_kernel
 from harness.equivalence.attention_model import compare_model_outputs, model_forward, reference_context, upcast_reference
 from harness.backends.attention import ATTENTION_BACKENDS
 from harness.equivalence.tolerances import Tolerances
@@ -65,9 +65,10 @@ def _bucketed(fails):
 
 @pytest.mark.parametrize("fault", sorted(KERNEL_FAULTS))
 def test_bucketed_search_of_compiled_kernels_catches_fault(fault):
-    """Kernels compiled per shape (flex_attention on CUDA) have their examples moved onto
-    harness.equivalence.attention_cases.SHAPE_BUCKETS: that narrower search must still find every
-    kernel fault, within the ci profile's 30 examples, from the CUDA suites' strategy."""
+    """Kernels compiled per shape (flex_attention on CUDA) have their examples moved onto the quick
+    profile's three buckets (harness.equivalence.attention_cases.QUICK_SHAPE_BUCKETS): that narrower
+    search must still find every kernel fault, within the ci profile's 30 examples, from the CUDA
+    suites' strategy."""
     find(attention_cases(max_len=160), _bucketed(_kernel_fails(KERNEL_FAULTS[fault], fault)),
          settings=settings(max_examples=30, derandomize=True, database=None))
 
@@ -91,13 +92,13 @@ def test_bucketed_case_keeps_what_the_faults_need():
                          mask="bool", padding="left", valid_keys=(0,), seed=7)
     moved = case.in_bucket()
     shape = (moved.batch, moved.kv_heads, moved.q_heads // moved.kv_heads, moved.q_len, moved.k_len, moved.head_dim)
-    assert shape in SHAPE_BUCKETS and 1 < moved.q_len < moved.k_len
+    assert shape in QUICK_SHAPE_BUCKETS and 1 < moved.q_len < moved.k_len
     assert (moved.causal, moved.window, moved.mask, moved.padding) == (True, 4, "bool", "left")
     assert moved.valid_keys[0] == 0 and len(moved.valid_keys) == moved.batch  # a fully padded row stays one
     decode = AttentionCase(q_len=1, k_len=3, window=4, seed=1).in_bucket()
     assert decode.q_len == 1 and decode.window <= decode.k_len + 1
-    kinds = {AttentionCase(q_len=n, k_len=n, seed=s).in_bucket().k_len for n in (2, 30) for s in range(6)}
-    assert len(kinds) > 1  # the seed spreads square prefills over the square buckets
+    lengths = {AttentionCase(q_len=n, k_len=n, seed=s).in_bucket(SHAPE_BUCKETS).k_len for n in (2, 30) for s in range(6)}
+    assert len(lengths) > 1  # the seed spreads square prefills over the wide set's square buckets
 
 
 # ---------------------------------------------------------------------------------------------

@@ -124,12 +124,13 @@ def sdpa_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None,
 
 @functools.lru_cache(maxsize=None)
 def _compiled_flex():
-    """flex_attention compiled as transformers compiles it (integrations/flex_attention.py: automatic
-    dynamic shapes), so the kernel search checks the kernels a model's flex_attention runs: a static
-    one for the first shape of each kind, then one with symbolic lengths for the shapes after it."""
+    """flex_attention compiled for static shapes: one kernel per shape bucket and mask kind
+    (harness.equivalence.attention_cases.KERNEL_BUCKET_SETS). transformers compiles it with automatic
+    dynamic shapes; on an H100 (session 13) that search did not finish bf16, fp16 and fp32 in 170 s,
+    against ~2.6 s a static graph (examples/gpu-session.sh flex compares the two)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def flex_attention_impl(q, k, v, *, mask=None, causal=False, window=None, scale=None):

@@ -26,9 +26,9 @@ CACHE_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 # one function shares that count: the kernel suite's flex_attention search used the 8 up in its first
 # examples and every later example, and transformers' own compiled flex_attention in the model
 # suites after it, ran the unfused eager path while reported as the compiled kernel. The harness
-# makes that an error, and sizes the limit for its largest bounded search: the flex kernel search
-# compiles at most (shape buckets x 3 mask kinds + pinned hard cases) x 3 dtypes, about 70 graphs
-# (harness.equivalence.attention_cases.SHAPE_BUCKETS), in one process.
+# makes that an error, and sizes the limit for its largest bounded search: the full profile's flex
+# kernel search compiles at most (9 shape buckets x 3 mask kinds + 5 pinned hard cases) x 3 dtypes,
+# ~100 graphs (harness.equivalence.attention_cases.KERNEL_BUCKET_SETS), in one process.
 RECOMPILE_LIMIT = 128
 
 
