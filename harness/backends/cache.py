@@ -155,8 +155,9 @@ def _quantized_needs(backend: str):
 
 # transformers 5.17-5.19 (cache_utils.Cache.update): the next offloaded layer is copied back on a side
 # stream that waits for nothing on the default stream, so it can read a layer whose copy to the CPU is
-# still running; 5.20 makes the side stream wait. Seen once on an H100 (session 12): offloaded-static's
-# logits 0.80 away from the uncached run's at the first decoded step, with four processes on the GPU.
+# still running; 5.20 makes the side stream wait. Seen on an H100 with four gate processes on the GPU:
+# offloaded-static's logits 0.80 away from the uncached run's at the first decoded step (session 12),
+# then both offloaded cache types in one warm gate (session 13).
 OFFLOAD_PREFETCH_RACE = ("the offloaded cache prefetches a layer on a side stream without waiting for its copy "
                          "to the CPU (a race: now and then stale keys and values)", (5, 20))
 

@@ -4,6 +4,7 @@ fixture wraps it, turning a refused variant into a skip)."""
 
 from __future__ import annotations
 
+from harness.backends.capabilities import dtype_name
 from harness.config import format_bytes
 from harness.errors import VariantRefused
 from harness.performance.memory import release_device_memory
@@ -62,15 +63,23 @@ class ModelFactory:
             self._cache[key] = self._cache.pop(key)  # most recently used last
         return self._cache[key]
 
+    def _other_variants(self) -> list[tuple]:
+        """Every loaded variant but the run's own, least recently used first."""
+        return [k for k in self._cache if k != self._base_key]
+
+    def _evict(self, keys) -> None:
+        for key in keys:
+            self._cache.pop(key)
+        release_device_memory(self.device)  # garbage and cached blocks count as used until returned
+
     def _make_room(self, key) -> None:
         if key == self._base_key:
             return
         while True:
-            variants = [k for k in self._cache if k != self._base_key]
+            variants = self._other_variants()
             if not variants or len(variants) < self._variant_slots():
                 return
-            self._cache.pop(variants[0])
-            release_device_memory(self.device)
+            self._evict(variants[:1])
 
     def _refuse_unless_it_fits(self, attn_implementation: str, dtype) -> None:
         """VariantRefused (a skip, not recorded as the implementation's refusal) when the variant's
@@ -84,16 +93,18 @@ class ModelFactory:
         import torch
 
         need = _model_bytes(base) // base.dtype.itemsize * torch.empty((), dtype=dtype).element_size()
-        free, total = free_device_bytes(self.device)
-        if need <= free - self.activation_headroom_share * total:
+
+        def fits() -> tuple[bool, int, int]:
+            free, total = free_device_bytes(self.device)
+            return need <= free - self.activation_headroom_share * total, free, total
+
+        if fits()[0]:
             return
-        for key in [k for k in self._cache if k != self._base_key]:  # every other variant makes way first
-            self._cache.pop(key)
-        release_device_memory(self.device)  # garbage and cached blocks count as used until returned
-        free, total = free_device_bytes(self.device)
-        if need > free - self.activation_headroom_share * total:
+        self._evict(self._other_variants())  # every other variant makes way first
+        fitting, free, total = fits()
+        if not fitting:
             raise VariantRefused(
-                f"{self.spec.name} with {attn_implementation} in {str(dtype).removeprefix('torch.')} needs "
+                f"{self.spec.name} with {attn_implementation} in {dtype_name(dtype)} needs "
                 f"{format_bytes(need)} of weights; {format_bytes(free)} of the device's {format_bytes(total)} "
                 f"are free ({self.activation_headroom_share:.0%} kept for activations; the run's own variant "
                 "and the references hold the rest)")
