@@ -16,6 +16,7 @@ import pytest
 from harness.config import MARKERS, OPTIONS, RunConfig
 from harness.errors import HarnessUsageError, VariantRefused
 from harness.performance import memory_budget as budgets
+from harness.performance.memory import freeze_startup_objects
 from harness.results import suite_of
 from harness.session import RunSession, start_session
 from harness.sharding import model_order, select_shard, wait_for_start
@@ -114,6 +115,7 @@ def pytest_runtestloop(session):
     """A process the gate starts beside its shards waits for them before its first test."""
     if session.testscollected and not wait_for_start():
         raise session.Interrupted("harness: the gate that started this process is gone; no test was run")
+    freeze_startup_objects()
 
 
 def _skip_unless_available(config, *names: str) -> None:

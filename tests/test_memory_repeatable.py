@@ -95,3 +95,28 @@ def test_a_block_that_frees_what_it_made_retains_nothing():
     with torch.inference_mode(), measure_peak("cpu") as peak:
         model(torch.arange(10, 74).unsqueeze(0), use_cache=False)
     assert peak.increase_bytes > 0 and peak.retained_bytes == 0, peak.describe()
+
+
+def test_startup_objects_are_frozen_once_and_later_garbage_is_still_collected():
+    """The plugin freezes what exists before the first test (harness.performance.memory.freeze_startup_objects:
+    full collections then skip torch's and the collected tests' objects); a second call, e.g. from a
+    nested pytest run, freezes nothing more, and a cycle made afterwards is still freed."""
+    import gc
+    import weakref
+
+    from harness.performance.memory import freeze_startup_objects
+
+    frozen = gc.get_freeze_count()
+    assert frozen > 100_000, f"only {frozen} objects frozen: the plugin did not freeze the startup objects"
+    freeze_startup_objects()
+    assert gc.get_freeze_count() == frozen
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    gone = weakref.ref(a)
+    del a, b
+    gc.collect()
+    assert gone() is None, "a reference cycle made after the freeze was not collected"

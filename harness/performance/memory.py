@@ -285,3 +285,22 @@ def release_device_memory(device) -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+def freeze_startup_objects() -> None:
+    """Move every object alive now (imported modules, collected tests) out of the cycle collector's
+    reach. A full collection then walks only what the tests create: with torch, transformers and
+    ~2,000 collected tests alive, each of the run's ~150 full collections per process (every
+    release_device_memory() call and CPython's own) walked ~420,000 objects for ~0.25 s, ~45 s
+    of a CI worker. Objects created later (models, caches, references) are collected as before.
+    Once per process: a nested pytest run (pytester) would otherwise freeze the outer run's models,
+    and a model in a reference cycle would then never be freed."""
+    global _startup_frozen
+    if _startup_frozen:
+        return
+    _startup_frozen = True
+    gc.collect()
+    gc.freeze()
+
+
+_startup_frozen = False
