@@ -86,17 +86,21 @@ def eager_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    # In place on the one score matrix: at a long prompt it is (heads, n, n) in float64, and every
+    # extra full-size temporary costs as much as the matmul on a CPU (the same values as adding an
+    # additive -inf bias, which is how transformers' eager path masks).
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     keep = combined_bool_mask(q, k, mask, causal, window)
-    bias = _additive_bias(mask, keep, scores.dtype) if keep is not None else None
-    if bias is None and mask is not None and mask.dtype != torch.bool:
-        bias = mask.to(scores.dtype)
-    if bias is not None:
-        scores = scores + bias
+    if mask is not None and mask.dtype != torch.bool:
+        scores.add_(torch.where(torch.isneginf(mask), 0.0, mask).to(scores.dtype))  # the user's biases
+    if keep is not None:
+        scores.masked_fill_(~keep, float("-inf"))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype)
     if keep is not None:
-        probs = torch.where(keep.expand_as(probs).any(-1, keepdim=True), probs, 0.0)  # fully masked -> 0
+        has_key = keep.any(-1, keepdim=True)
+        if not bool(has_key.all()):
+            probs.masked_fill_(~has_key, 0.0)  # a fully masked row: 0, not softmax's NaN
     return torch.matmul(probs.to(q.dtype), v)
 
 
