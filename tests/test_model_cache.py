@@ -93,3 +93,21 @@ def test_default_model_cache_is_verified_and_fast_on_reuse(record_property):
     record_property("second_load_s", round(time.perf_counter() - start, 3))
     assert model.config.num_hidden_layers == 30
     assert models._cache_is_valid(models.converted_gguf_dir(models.default_gguf_path()))
+
+
+def test_a_conversion_parses_each_gguf_once(monkeypatch):
+    """transformers reads the GGUF header for the config, the tokenizer and the weights; inside
+    _one_gguf_parse the three (and check_gguf) share one reader per file, and the class is restored."""
+    import gguf
+
+    made = []
+
+    class CountingReader:
+        def __init__(self, path, mode="r"):
+            made.append(path)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    with models._one_gguf_parse():
+        first, again, other = (gguf.GGUFReader(p) for p in ("/m/a.gguf", "/m/a.gguf", "/m/b.gguf"))
+    assert first is again and first is not other and made == ["/m/a.gguf", "/m/b.gguf"]
+    assert gguf.GGUFReader is CountingReader
