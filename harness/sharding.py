@@ -45,7 +45,7 @@ START_AFTER_VARIABLE = "HARNESS_START_AFTER"
 # A fresh runner has no earlier run: by item count, one shard of session 12's cold gate got the
 # flex_attention search and the static-cache compile together and ran 210 s against 86-133 s for
 # the others; split by session 12's durations, session 13's cold shards ran 99-149 s. These are a
-# cold quick gate's call durations on the default model (session 13's H100 run now; written by
+# cold quick gate's call durations on the default model (session 14's H100 run now; written by
 # `python -m harness.sharding prior RESULTS_JSON` from a run of examples/gpu-session.sh).
 PRIOR_DURATIONS = Path(__file__).parent / "data" / "shard-durations.json"
 EXCLUSIVE_MARKER = "exclusive"

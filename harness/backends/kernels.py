@@ -60,13 +60,18 @@ def combined_bool_mask(q: torch.Tensor, k: torch.Tensor, mask, causal: bool, win
     return keep
 
 
+def _user_biases(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """An additive float mask's biases, its -inf (masked) entries as 0: combined_bool_mask holds those."""
+    return torch.where(torch.isneginf(mask), 0.0, mask).to(dtype)
+
+
 def _additive_bias(mask, keep: torch.Tensor | None, dtype) -> torch.Tensor | None:
     """One additive mask: the user's float biases (if any) plus -inf where ``keep`` is False."""
     if keep is None:
         return None
     bias = torch.zeros((), dtype=dtype, device=keep.device)
     if mask is not None and mask.dtype != torch.bool:
-        bias = torch.where(torch.isneginf(mask), 0.0, mask).to(dtype)
+        bias = _user_biases(mask, dtype)
     return torch.where(keep, bias, torch.tensor(float("-inf"), dtype=dtype, device=keep.device))
 
 
@@ -92,7 +97,7 @@ def eager_attention(q, k, v, *, mask=None, causal=False, window=None, scale=None
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
     keep = combined_bool_mask(q, k, mask, causal, window)
     if mask is not None and mask.dtype != torch.bool:
-        scores.add_(torch.where(torch.isneginf(mask), 0.0, mask).to(scores.dtype))  # the user's biases
+        scores.add_(_user_biases(mask, scores.dtype))
     if keep is not None:
         scores.masked_fill_(~keep, float("-inf"))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

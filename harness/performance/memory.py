@@ -293,14 +293,9 @@ def freeze_startup_objects() -> None:
     ~2,000 collected tests alive, each of the run's ~150 full collections per process (every
     release_device_memory() call and CPython's own) walked ~420,000 objects for ~0.25 s, ~45 s
     of a CI worker. Objects created later (models, caches, references) are collected as before.
-    Once per process: a nested pytest run (pytester) would otherwise freeze the outer run's models,
-    and a model in a reference cycle would then never be freed."""
-    global _startup_frozen
-    if _startup_frozen:
+    Once per process (nothing is frozen yet): a nested pytest run (pytester) would otherwise freeze
+    the outer run's models, and a model in a reference cycle would then never be freed."""
+    if gc.get_freeze_count():
         return
-    _startup_frozen = True
     gc.collect()
     gc.freeze()
-
-
-_startup_frozen = False
