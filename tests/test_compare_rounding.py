@@ -59,3 +59,38 @@ def test_a_reference_with_nan_decides_nothing():
         compare_tensors(out, out, ref, factor=2, slack_floor=1e-5)
     keep = torch.tensor([True, False])  # a NaN where nothing is compared is no obstacle
     assert not compare_tensors(out, torch.tensor([1.0, 0.0]), ref, factor=2, slack_floor=1e-5, mask=keep).passed
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_passes_give_the_verdict_of_one_pass(monkeypatch, chunk):
+    """The max rule walks long tensors in chunks (harness.equivalence.compare._CHUNK_ELEMENTS): every
+    number, the worst position (first occurrence of a tie) and the message must be what one pass over
+    the whole tensor gives, masks, NaN, ties across chunk borders and a failing case included."""
+    from harness.equivalence import compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 7, 11, generator=g, dtype=torch.float64)
+    ref[1, 5, 9] = ref[0, 1, 2]
+    out = (ref + torch.randn(3, 7, 11, generator=g, dtype=torch.float64) * 1e-3).to(torch.bfloat16)
+    baseline = ref.to(torch.bfloat16)
+    tied = out.clone()
+    tied[0, 1, 2] = tied[1, 5, 9] = ref[0, 1, 2] + 5.0  # equal worst errors, in different chunks
+    out[2, 6, 10] = float("nan")
+    keep = torch.rand(3, 7, generator=g) > 0.2
+    keep[0, 1] = keep[1, 5] = keep[2, 6] = True
+    cases = [(out, None), (out, keep), (tied, keep), (baseline, keep), (out.transpose(0, 1), None)]
+
+    def verdicts():
+        results = []
+        for o, m in cases:
+            r, b = (ref, baseline) if o.shape == ref.shape else (ref.transpose(0, 1), baseline.transpose(0, 1))
+            results.append(compare_tensors(o, b, r, factor=2.0, slack_floor=1e-6, mask=m, what="x"))
+            results.append((compare.max_abs_error(o, b, m), reference_rounding(r, torch.bfloat16, m)))
+        return results
+
+    monkeypatch.setattr(compare, "_CHUNK_ELEMENTS", 10 ** 9)
+    whole = verdicts()
+    monkeypatch.setattr(compare, "_CHUNK_ELEMENTS", chunk)
+    assert verdicts() == whole
+    assert not whole[0].passed and whole[0].worst_position == (2, 6, 10)  # NaN counts as an infinite error
+    assert whole[4].worst_position == (0, 1, 2)  # the first of the two tied worst positions

@@ -97,10 +97,33 @@ def _abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> to
     return diff
 
 
+def _max_rule_errors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None,
+                     dtype: torch.dtype, what: str) -> tuple[float, int, float, float]:
+    """One chunked pass for the max statistic: (max |out - ref|, flat index of its first occurrence,
+    max |baseline - ref|, reference_rounding(ref, dtype)); ValueError if the reference is not finite
+    at a kept position."""
+    bits = _precision_bits(dtype)
+    error, worst, baseline_error, largest, fa3_estimate = -1.0, 0, 0.0, 0.0, 0.0
+    offset = 0
+    for (o, b, r), keep in _chunks((out, baseline, ref), mask):
+        finite = torch.isfinite(r)
+        if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
+            # inf - inf is NaN, counted as an infinite error on both sides: inf <= factor x inf would pass
+            raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
+        diff = _abs_diff(o, r, keep)
+        index = int(diff.argmax())
+        if float(diff[index]) > error:  # strictly: the first occurrence over all chunks, as argmax
+            error, worst = float(diff[index]), offset + index
+        baseline_error = max(baseline_error, _max_or_zero(_abs_diff(b, r, keep)))
+        largest = max(largest, _largest_kept(r, keep))
+        fa3_estimate = max(fa3_estimate, _fa3_rounding(r, dtype, keep))
+        offset += r.numel()
+    return max(error, 0.0), worst, baseline_error, max(_half_ulp(largest, bits), fa3_estimate)
+
+
 def max_abs_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """max |a - b| in float64 over positions where ``mask`` is True (all when None); NaN counts as inf."""
-    diff = _abs_diff(a, b, mask)
-    return float(diff.max()) if diff.numel() else 0.0
+    return max((_max_or_zero(_abs_diff(x, y, keep)) for (x, y), keep in _chunks((a, b), mask)), default=0.0)
 
 
 _PRECISION_BITS = {torch.float64: 53, torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
@@ -112,29 +135,88 @@ def reference_rounding(ref: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor
     place of the largest kept value. FA3's estimate alone reads 0 wherever ulp/2 > 0.3: bf16 hidden
     states of ~500, whose ulp is 2, were seen on the H200 as an error of 2.75 ulp judged against a
     slack of 0.06."""
+    bits = _precision_bits(dtype)
+    largest, fa3_estimate = 0.0, 0.0
+    for (r,), keep in _chunks((ref,), mask):
+        largest = max(largest, _largest_kept(r, keep))
+        fa3_estimate = max(fa3_estimate, _fa3_rounding(r, dtype, keep))
+    return max(_half_ulp(largest, bits), fa3_estimate)
+
+
+def _precision_bits(dtype: torch.dtype) -> int:
     bits = _PRECISION_BITS.get(dtype)
     if bits is None:
         raise ValueError(f"no rounding model for {dtype}; known: {', '.join(map(str, _PRECISION_BITS))}")
-    # in place on fresh copies (|x| and its max are exact in any float dtype): see _abs_diff
-    kept = ref.detach().abs()
-    m = _expand_mask(mask, kept)
-    if m is not None:
-        kept.masked_fill_(~m, 0.0)
-    largest = float(torch.nan_to_num_(kept, nan=0.0, posinf=0.0).max()) if kept.numel() else 0.0
-    del kept
+    return bits
+
+
+def _half_ulp(largest: float, bits: int) -> float:
     _, exponent = math.frexp(largest)  # largest = m * 2**exponent, 0.5 <= m < 1
-    half_ulp = 2.0 ** (exponent - bits) / 2 if largest else 0.0
-    r = torch.nan_to_num_(ref.detach().to(dtype, copy=True), nan=0.0, posinf=0.0, neginf=0.0)  # never an infinite slack
-    return max(half_ulp, max_abs_error((r + 0.3).sub_(0.3), r, mask))
+    return 2.0 ** (exponent - bits) / 2 if largest else 0.0
+
+
+def _largest_kept(ref: torch.Tensor, keep: torch.Tensor | None) -> float:
+    """max |ref| over kept, finite values (|x| and its max are exact in any float dtype)."""
+    kept = ref.abs()
+    if keep is not None:
+        kept.masked_fill_(~keep, 0.0)
+    return float(torch.nan_to_num_(kept, nan=0.0, posinf=0.0).max()) if kept.numel() else 0.0
+
+
+def _fa3_rounding(ref: torch.Tensor, dtype: torch.dtype, keep: torch.Tensor | None) -> float:
+    """max |(r + 0.3 - 0.3) - r| over kept values, r = ref in ``dtype`` (non-finite values as 0: never an
+    infinite slack)."""
+    r = torch.nan_to_num_(ref.to(dtype, copy=True), nan=0.0, posinf=0.0, neginf=0.0)
+    return _max_or_zero(_abs_diff((r + 0.3).sub_(0.3), r, keep))
+
+
+def _max_or_zero(diff: torch.Tensor) -> float:
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+# Elements per pass of the max-statistic rule: a long prompt's logits are ~50M values (400 MB in
+# float64), and a dozen full-size temporaries each cost a trip through memory and fresh pages; chunks
+# of 2^20 (8 MB in float64) take the same elementwise steps, so every maximum is the same number.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _chunks(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor | None):
+    """Yield (flat chunk of each tensor, flat chunk of the expanded keep-mask or None), in index order.
+    The tensors share one shape (checked); a non-contiguous one is flattened by one copy."""
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"cannot compare tensors of shapes {tuple(first.shape)} and {tuple(t.shape)}")
+    flat = [t.detach().reshape(-1) for t in tensors]
+    keep = _expand_mask(mask, first)
+    keep = keep.reshape(-1) if keep is not None else None
+    total = first.numel()
+    for start in range(0, total, _CHUNK_ELEMENTS) if total else ():
+        stop = min(start + _CHUNK_ELEMENTS, total)
+        yield (tuple(f[start:stop].to(device=first.device) for f in flat),
+               keep[start:stop] if keep is not None else None)
 
 
 def typical_position_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Median over kept positions (all dims but the last) of max |a - b| over the last dim: what most
     positions differ by, untouched by a few positions where reduced precision drifts."""
-    diff = _abs_diff(a, b, mask).amax(dim=-1)
+    diff = _position_maxima(a, b, mask) if a.dim() and a.numel() else _abs_diff(a, b, mask).amax(dim=-1)
     if mask is not None:
         diff = diff[mask.to(device=diff.device, dtype=torch.bool).expand_as(diff)]
     return float(diff.flatten().median()) if diff.numel() else 0.0
+
+
+def _position_maxima(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """max |a - b| over the last dim at every position (masked positions 0), whole positions per chunk."""
+    if a.shape != b.shape:
+        raise ValueError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    width = a.shape[-1]
+    rows_a, rows_b = a.detach().reshape(-1, width), b.detach().reshape(-1, width)
+    keep = _expand_mask(mask, a).reshape(-1, width) if mask is not None else None
+    step = max(1, _CHUNK_ELEMENTS // width)
+    return torch.cat([_abs_diff(rows_a[i:i + step], rows_b[i:i + step].to(device=a.device),
+                                keep[i:i + step] if keep is not None else None).amax(dim=-1)
+                      for i in range(0, rows_a.shape[0], step)]).reshape(a.shape[:-1])
 
 
 def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
@@ -162,26 +244,27 @@ def compare_tensors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor
     ``statistic`` "max" compares the largest errors, "rms" the root-mean-square errors (slack: the
     floor alone, see below).
     """
-    finite = torch.isfinite(ref.detach())
-    keep = _expand_mask(mask, finite)
-    if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
-        # inf - inf is NaN, counted as an infinite error on both sides: inf <= factor x inf would pass
-        raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
-    del finite, keep
-    diff = _abs_diff(out, ref, mask)
-    worst = _unravel(int(diff.argmax()), diff.shape) if diff.numel() else ()
     if statistic == "max":
-        error = float(diff[worst]) if diff.numel() else 0.0
-        baseline_error = max_abs_error(baseline, ref, mask)
+        error, flat_worst, baseline_error, rounding = _max_rule_errors(out, baseline, ref, mask, out.dtype, what)
+        worst = _unravel(flat_worst, out.shape) if out.numel() else ()
+        # The max error can be one rounding of the output away from the truth even where eager is exact
+        slack = max(slack_floor, 2.0 * rounding)
     elif statistic == "rms":
+        finite = torch.isfinite(ref.detach())
+        keep = _expand_mask(mask, finite)
+        if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
+            raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
+        del finite, keep
+        diff = _abs_diff(out, ref, mask)
+        worst = _unravel(int(diff.argmax()), diff.shape) if diff.numel() else ()
+        del diff
         error, baseline_error = rms_error(out, ref, mask), rms_error(baseline, ref, mask)
+        # an RMS over many positions always contains eager's own output rounding, so only the floor is
+        # added (the rounding term, 2 ulp of the largest value, would exceed a bf16 RMS error and hide
+        # the bias this statistic is for)
+        slack = slack_floor
     else:
         raise ValueError(f"unknown error statistic {statistic!r}; known: max, rms")
-    # The max error can be one rounding of the output away from the truth even where eager is exact,
-    # hence the rounding term; an RMS over many positions always contains eager's own output
-    # rounding, so only the floor is added (the rounding term, 2 ulp of the largest value, would
-    # exceed a bf16 RMS error and hide the bias this statistic is for).
-    slack = max(slack_floor, 2.0 * reference_rounding(ref, out.dtype, mask)) if statistic == "max" else slack_floor
     allowed = factor * baseline_error + slack
     passed = error <= allowed
     where = ", ".join(f"{n}={i}" for n, i in zip(position_names, worst)) if position_names else str(worst)
