@@ -58,6 +58,31 @@ def test_damaged_cache_is_rebuilt(fake_gguf, damage):
     assert any("rebuilding" in m for m in messages) or damage == "delete_manifest"
 
 
+def test_a_verified_file_is_hashed_again_only_after_it_changes(fake_gguf, monkeypatch):
+    """Each process hashes a cached file once per state (size, mtime, ctime, inode): later loads of
+    the same model skip the 540 MB hash, a write after the verification does not."""
+    import os
+
+    path, calls = fake_gguf
+    d = models.converted_gguf_dir(path, log=lambda *_: None)
+    hashed = []
+    real_sha256 = models._sha256
+    monkeypatch.setattr(models, "_sha256", lambda f: hashed.append(f.name) or real_sha256(f))
+    for _ in range(3):
+        assert models.converted_gguf_dir(path, log=lambda *_: None) == d
+    assert sorted(hashed) == ["config.json", "model.safetensors"]  # once each, not three times
+    weights = d / "model.safetensors"
+    before = weights.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    data = bytearray(weights.read_bytes())
+    data[0] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same mtime: ctime still moves
+    messages = []
+    assert models.converted_gguf_dir(path, log=messages.append) == d
+    assert len(calls) == 2 and any("rebuilding" in m for m in messages)
+
+
 def test_failed_conversion_leaves_no_partial_cache(fake_gguf, monkeypatch):
     path, _ = fake_gguf
 
@@ -111,3 +136,18 @@ def test_a_conversion_parses_each_gguf_once(monkeypatch):
         first, again, other = (gguf.GGUFReader(p) for p in ("/m/a.gguf", "/m/a.gguf", "/m/b.gguf"))
     assert first is again and first is not other and made == ["/m/a.gguf", "/m/b.gguf"]
     assert gguf.GGUFReader is CountingReader
+
+
+def test_a_gguf_header_is_read_once_per_file_state(tmp_path, monkeypatch):
+    """check_gguf remembers a file's fields (the default model's header takes ~2.4 s to read) until
+    the file changes; a caller editing the returned dict does not edit the memory."""
+    reads = []
+    monkeypatch.setattr(models, "_read_gguf_fields", lambda path: reads.append(path) or {"architecture": "llama"})
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" * 10)
+    models.check_gguf(path)["architecture"] = "edited"
+    assert models.check_gguf(path) == {"architecture": "llama"} and len(reads) == 1
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    path.write_bytes(b"GGUF" * 11)
+    models.check_gguf(path)
+    assert len(reads) == 2
