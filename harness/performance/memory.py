@@ -287,6 +287,9 @@ def release_device_memory(device) -> None:
         torch.cuda.empty_cache()
 
 
+_startup_frozen = False
+
+
 def freeze_startup_objects() -> None:
     """Move every object alive now (imported modules, collected tests) out of the cycle collector's
     reach. A full collection then walks only what the tests create: with torch, transformers and
@@ -295,7 +298,11 @@ def freeze_startup_objects() -> None:
     of a CI worker. Objects created later (models, caches, references) are collected as before.
     Once per process (nothing is frozen yet): a nested pytest run (pytester) would otherwise freeze
     the outer run's models, and a model in a reference cycle would then never be freed."""
-    if gc.get_freeze_count():
+    global _startup_frozen
+    # the flag first: gc.get_freeze_count() walks the frozen objects (~45 ms each call once ~420,000
+    # are frozen), and every nested pytest run of the process asks again
+    if _startup_frozen or gc.get_freeze_count():
         return
     gc.collect()
     gc.freeze()
+    _startup_frozen = True
