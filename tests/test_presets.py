@@ -31,6 +31,28 @@ def test_preset_is_deterministic(name):
         assert ka == kb and torch.equal(pa, pb), ka
 
 
+@pytest.mark.parametrize("name", TINY_PRESETS)
+def test_a_remembered_build_is_the_fresh_build(name, monkeypatch):
+    """Later builds of a preset in a process copy the first build's weights instead of initialising
+    (harness.models.presets._TINY_WEIGHTS): parameters, buffers, tied embeddings and logits must be
+    a fresh build's, for another attention implementation and dtype too."""
+    from harness.models import presets
+
+    for dtype, attn in ((torch.float32, "eager"), (torch.bfloat16, "sdpa")):
+        monkeypatch.setattr(presets, "_TINY_WEIGHTS", {})
+        fresh = build_preset(name, CPU, dtype, attn_implementation=attn)
+        remembered = build_preset(name, CPU, dtype, attn_implementation=attn)
+        assert presets._TINY_WEIGHTS, "the second build did not come from the remembered weights"
+        for (ka, a), (kb, b) in zip(list(fresh.state_dict().items()) + list(fresh.named_buffers()),
+                                    list(remembered.state_dict().items()) + list(remembered.named_buffers())):
+            assert ka == kb and a.dtype == b.dtype and torch.equal(a, b), ka
+        tied = [m.get_output_embeddings().weight is m.get_input_embeddings().weight for m in (fresh, remembered)]
+        assert tied[0] == tied[1], f"tied embeddings: fresh {tied[0]}, remembered {tied[1]}"
+        ids = torch.randint(0, 49152, (1, 16))
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, remembered(ids).logits)
+
+
 def kv_heads(config):
     if getattr(config, "multi_query", False):
         return 1

@@ -9,6 +9,7 @@ random, which the report states.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -118,19 +119,37 @@ def get_preset(name: str) -> Preset:
         raise HarnessUsageError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+# A tiny preset's initial weights by (name, dtype, seed): every variant, pytester run and suite of a
+# process builds the same presets again (~130 builds in `make test`), and transformers' random
+# initialisation was most of each build; later builds skip it and copy the remembered weights.
+_TINY_WEIGHTS: dict[tuple, dict] = {}
+
+
 def build_preset(name: str, device, dtype, seed: int = TINY_SEED, attn_implementation: str = "eager"):
     """Instantiate a preset with a fixed seed directly on `device` (no CPU copy for large ones)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # a release without it initialises every build
+        no_init_weights = None
     preset = get_preset(name)
     config = preset.make_config()
+    remembering = torch.device(device).type == "cpu" and not preset.large and no_init_weights is not None
+    key = (name, str(dtype), seed)
+    remembered = _TINY_WEIGHTS.get(key) if remembering else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if getattr(device, "type", str(device)) == "cuda":
             torch.cuda.manual_seed_all(seed)
-        with torch.device(device):
+        with torch.device(device), (no_init_weights() if remembered is not None else contextlib.nullcontext()):
             # chosen at construction: some families (Falcon) cannot switch implementation afterwards
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if remembered is not None:
+        model.load_state_dict(remembered, strict=True)
+        model.tie_weights()  # no_init_weights skipped init_weights(), which ties them
+    elif remembering:
+        _TINY_WEIGHTS[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.eval()
     return model
