@@ -32,11 +32,10 @@ $(VENV)/.installed: pyproject.toml
 # default model and all tiny presets; GPU-only checks skip there.
 # Two pytest-xdist workers with one torch thread each: most tests are Python-bound on this 2-core
 # machine, where two threads in one process measured slower (see README). The speed benchmarks
-# run after, alone in one process: pytest-benchmark times nothing under xdist. loadgroup keeps an
-# xdist_group's tests on one worker (the tensor-parallel suite: one torchrun launch, not one per worker).
+# run after, alone in one process: pytest-benchmark times nothing under xdist.
 TEST_JOBS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests suites --ignore=suites/test_benchmarks.py -n $(TEST_JOBS) --dist loadgroup \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests suites --ignore=suites/test_benchmarks.py -n $(TEST_JOBS) \
 		--model $(TEST_MODELS) -p no:cacheprovider --durations=15 $(TEST_ARGS); \
 	parallel=$$?; \
 	$(PY) -m pytest suites/test_benchmarks.py --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS); \

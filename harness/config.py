@@ -65,7 +65,6 @@ MARKERS = (
     "needs(capability, ...): skip unless every named capability is available here",
     "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
     "memory_budget(None) exempts a test from --memory-budget",
-    "xdist_group(name): pytest-xdist's --dist loadgroup runs the group's tests on one worker",
 )
 
 

@@ -17,10 +17,6 @@ from harness.inference.tensor_parallel import TP_RANK_COUNTS, TPSession, rank_co
 from harness.inference.generation import new_tokens_default
 from harness.equivalence.token_agreement import compare_runs
 
-# One torchrun launch covers every model of a rank count (TPSession); under `make test`'s
-# `-n 2 --dist loadgroup` the group keeps these tests on one xdist worker, so that launch is made once.
-pytestmark = pytest.mark.xdist_group("tensor-parallel")
-
 
 @pytest.fixture(scope="session")
 def tp_session(run_config, device, dtype, tmp_path_factory):
