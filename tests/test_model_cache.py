@@ -132,10 +132,14 @@ def test_a_conversion_parses_each_gguf_once(monkeypatch):
             made.append(path)
 
     monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    name_map = gguf.get_tensor_name_map
     with models._one_gguf_parse():
         first, again, other = (gguf.GGUFReader(p) for p in ("/m/a.gguf", "/m/a.gguf", "/m/b.gguf"))
+        llama = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 30) is llama  # one map per architecture
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is not llama
     assert first is again and first is not other and made == ["/m/a.gguf", "/m/b.gguf"]
-    assert gguf.GGUFReader is CountingReader
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is name_map
 
 
 def test_a_gguf_header_is_read_once_per_file_state(tmp_path, monkeypatch):

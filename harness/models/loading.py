@@ -9,6 +9,7 @@ verified (sha256 from a manifest) every time they are reused.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -263,7 +264,7 @@ def converted_gguf_dir(gguf_path: Path, *, log=print) -> Path:
 
 @contextlib.contextmanager
 def _one_gguf_parse():
-    """One GGUFReader per file while converting. transformers parses the header (the 49,152-token
+    """One GGUFReader per file (and one tensor-name map per architecture) while converting. transformers parses the header (the 49,152-token
     vocabulary and its merges, element by element in Python: ~4 s on the 2-core CI machine) for
     the config, again for the tokenizer and again for the weights, and check_gguf once more: 17 of
     the conversion's 27 s, paid on every fresh machine before the first test of the default model.
@@ -280,11 +281,17 @@ def _one_gguf_parse():
             readers[key] = parse(path, *args, **kwargs)
         return readers[key]
 
+    # transformers maps tensor names module by module (~400 calls for the default model), building
+    # gguf's TensorNameMap for the whole architecture each time (~10 ms each, ~4 s): one per
+    # (architecture, layers) does; callers only look names up in it
+    name_map = gguf.get_tensor_name_map
     gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
     try:
         yield
     finally:
         gguf.GGUFReader = parse
+        gguf.get_tensor_name_map = name_map
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
