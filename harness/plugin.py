@@ -292,6 +292,16 @@ def known_transformers_bug():
 
 
 @pytest.fixture(scope="session")
+def computed_once_per_run(request):
+    """computed_once_per_run(key, compute) -> compute()'s result, computed by one pytest-xdist worker of
+    the run and loaded by the others (harness.worker_share); outside xdist, just compute()."""
+    from harness.worker_share import computed_once, share_folder
+
+    folder = share_folder(request.config)
+    return lambda key, compute: computed_once(folder, key, compute)
+
+
+@pytest.fixture(scope="session")
 def run_dir(request) -> Path | None:
     """This run's report directory (None without --report-dir)."""
     return _state(request.config).run_dir

@@ -11,6 +11,7 @@ import pytest
 
 from harness.inference import generation as gen
 from harness.backends import cache as caches
+from harness.performance.compile_cache import cache_key as device_key
 
 
 @pytest.fixture(scope="session")
@@ -19,8 +20,9 @@ def prompt(run_config):
 
 
 @pytest.fixture(scope="session")
-def no_cache_reference(reference_model, prompt_inputs, pad):
-    return gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad)
+def no_cache_reference(model_spec, reference_model, prompt_inputs, pad, device, computed_once_per_run):
+    return computed_once_per_run(f"no-cache reference: {model_spec.name} on {device_key(device)}",
+                                 lambda: gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad))
 
 
 @pytest.mark.parametrize("cache_name", list(caches.CACHE_TYPES))

@@ -19,6 +19,7 @@ from harness.inference import generation as gen
 from harness.equivalence import niah, niah_views
 from harness.equivalence import positions as pos
 from harness.backends.capabilities import by_name, dtype_name
+from harness.performance.compile_cache import cache_key as device_key
 
 # Tokens generated (and compared) after a long prompt: a few on CPU, more in the full profile.
 LONG_PROMPT_NEW_TOKENS = {"ci": 8, "full": 32}
@@ -93,16 +94,19 @@ _SCORES: dict[tuple, list] = {}
 
 
 @pytest.fixture(scope="session")
-def niah_scores(trained_quality, long_context_model, long_context_attn, tokenizer, builder, niah_config):
-    """Cell scores per context length, computed once: scores(length) -> list[CellScore]."""
+def niah_scores(trained_quality, long_context_model, long_context_attn, tokenizer, builder, niah_config,
+                computed_once_per_run):
+    """Cell scores per context length, computed once per run: scores(length) -> list[CellScore]."""
     needles = niah.make_needles(niah_config.needles, niah_config.seed)
 
     def scores(length: int) -> list:
         key = (trained_quality.name, long_context_attn, str(long_context_model.dtype), length, repr(niah_config))
         if key not in _SCORES:
-            _SCORES[key] = [niah.run_cell(long_context_model, tokenizer, builder, length, depth, needle,
-                                          niah_config.answer_tokens)[0]
-                            for depth in niah_config.depths for needle in needles]
+            _SCORES[key] = computed_once_per_run(
+                f"niah scores {key} on {device_key(long_context_model.device)}",
+                lambda: [niah.run_cell(long_context_model, tokenizer, builder, length, depth, needle,
+                                       niah_config.answer_tokens)[0]
+                         for depth in niah_config.depths for needle in needles])
         return _SCORES[key]
 
     return scores

@@ -19,13 +19,13 @@ from harness.equivalence.token_agreement import compare_runs
 
 
 @pytest.fixture(scope="session")
-def tp_session(run_config, device, dtype, tmp_path_factory):
+def tp_session(run_config, device, dtype, tmp_path_factory, computed_once_per_run):
     from harness.models.loading import load_tokenizer, resolve_model
 
     specs = [s for text in run_config.models for s in resolve_model(
         text, allow_remote_code=run_config.allow_remote_code, allow_pickle=run_config.allow_pickle)]
     return TPSession(specs, device, dtype, run_config.seed, new_tokens_default(), tmp_path_factory.mktemp("tp-models"),
-                     tokenizer_for=load_tokenizer)
+                     tokenizer_for=load_tokenizer, computed_once=computed_once_per_run)
 
 
 def _visible_gpus(device) -> int:

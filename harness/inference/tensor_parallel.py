@@ -6,6 +6,7 @@ the logits rule: harness.equivalence.prompt_logits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,11 +85,15 @@ class TPSession:
     launch's time), and one single-device reference per model.
 
     specs: the run's ModelSpecs; device, dtype: the run's; workdir: where presets are saved for
-    the ranks to load; tokenizer_for(spec): the spec's tokenizer or None (large random presets).
+    the ranks to load; tokenizer_for(spec): the spec's tokenizer or None (large random presets);
+    computed_once(key, compute): shares a launch between the xdist workers of a run (default: none).
     """
 
-    def __init__(self, specs, device, dtype, seed: int, new_tokens: int, workdir: Path, tokenizer_for):
+    def __init__(self, specs, device, dtype, seed: int, new_tokens: int, workdir: Path, tokenizer_for,
+                 computed_once=None):
         self.specs, self.device, self.dtype, self.seed = list(specs), device, dtype, seed
+        # computed_once(key, compute): the plugin's computed_once_per_run, so xdist workers launch once
+        self.computed_once = computed_once or (lambda key, compute: compute())
         self.new_tokens, self.workdir = new_tokens, Path(workdir)
         self.tokenizer_for = functools.lru_cache(maxsize=None)(tokenizer_for)
         self._configs: dict[str, object] = {}
@@ -163,7 +168,10 @@ class TPSession:
                            for other in self.specs if self.split_skip_reason(other, ranks) is None)
             job = TPJob(ranks=ranks, models=models, new_tokens=self.new_tokens, dtype=self.dtype_name)
             try:
-                self._launches[ranks] = run_tensor_parallel(job, timeout_s=timeout_s)
+                # the key leaves out where each worker saved the presets: the same seeded weights
+                same_work = dataclasses.replace(job, models=tuple(dataclasses.replace(m, source="") for m in models))
+                self._launches[ranks] = self.computed_once(f"tensor-parallel launch: {same_work!r}",
+                                                           lambda: run_tensor_parallel(job, timeout_s=timeout_s))
             except RuntimeError as exc:
                 self._launches[ranks] = exc
         launched = self._launches[ranks]
