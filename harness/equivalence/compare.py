@@ -83,9 +83,23 @@ def _expand_mask(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor 
     return m.expand_as(like)
 
 
+def _same_shape(*tensors: torch.Tensor) -> None:
+    first = tensors[0]
+    for t in tensors[1:]:
+        if t.shape != first.shape:
+            raise ValueError(f"cannot compare tensors of shapes {tuple(first.shape)} and {tuple(t.shape)}")
+
+
+def _require_finite_reference(ref: torch.Tensor, keep: torch.Tensor | None, what: str) -> None:
+    """ValueError unless ``ref`` is finite wherever ``keep`` (expanded to ref's shape) is True."""
+    finite = torch.isfinite(ref.detach())
+    if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
+        # inf - inf is NaN, counted as an infinite error on both sides: inf <= factor x inf would pass
+        raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
+
+
 def _abs_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    if a.shape != b.shape:
-        raise ValueError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    _same_shape(a, b)
     # in place on one float64 copy: logits of a long prompt are ~50M values, and every pass counts on CPU
     diff = a.detach().to(torch.float64, copy=True)
     diff.sub_(b.detach().to(device=a.device)).abs_()
@@ -106,14 +120,12 @@ def _max_rule_errors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tenso
     error, worst, baseline_error, largest, fa3_estimate = -1.0, 0, 0.0, 0.0, 0.0
     offset = 0
     for (o, b, r), keep in _chunks((out, baseline, ref), mask):
-        finite = torch.isfinite(r)
-        if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
-            # inf - inf is NaN, counted as an infinite error on both sides: inf <= factor x inf would pass
-            raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
+        _require_finite_reference(r, keep, what)
         diff = _abs_diff(o, r, keep)
         index = int(diff.argmax())
-        if float(diff[index]) > error:  # strictly: the first occurrence over all chunks, as argmax
-            error, worst = float(diff[index]), offset + index
+        largest_here = float(diff[index])
+        if largest_here > error:  # strictly: the first occurrence over all chunks, as argmax
+            error, worst = largest_here, offset + index
         baseline_error = max(baseline_error, _max_or_zero(_abs_diff(b, r, keep)))
         largest = max(largest, _largest_kept(r, keep))
         fa3_estimate = max(fa3_estimate, _fa3_rounding(r, dtype, keep))
@@ -183,10 +195,8 @@ _CHUNK_ELEMENTS = 1 << 20
 def _chunks(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor | None):
     """Yield (flat chunk of each tensor, flat chunk of the expanded keep-mask or None), in index order.
     The tensors share one shape (checked); a non-contiguous one is flattened by one copy."""
+    _same_shape(*tensors)
     first = tensors[0]
-    for t in tensors[1:]:
-        if t.shape != first.shape:
-            raise ValueError(f"cannot compare tensors of shapes {tuple(first.shape)} and {tuple(t.shape)}")
     flat = [t.detach().reshape(-1) for t in tensors]
     keep = _expand_mask(mask, first)
     keep = keep.reshape(-1) if keep is not None else None
@@ -208,8 +218,7 @@ def typical_position_error(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor 
 
 def _position_maxima(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """max |a - b| over the last dim at every position (masked positions 0), whole positions per chunk."""
-    if a.shape != b.shape:
-        raise ValueError(f"cannot compare tensors of shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    _same_shape(a, b)
     width = a.shape[-1]
     rows_a, rows_b = a.detach().reshape(-1, width), b.detach().reshape(-1, width)
     keep = _expand_mask(mask, a).reshape(-1, width) if mask is not None else None
@@ -250,11 +259,7 @@ def compare_tensors(out: torch.Tensor, baseline: torch.Tensor, ref: torch.Tensor
         # The max error can be one rounding of the output away from the truth even where eager is exact
         slack = max(slack_floor, 2.0 * rounding)
     elif statistic == "rms":
-        finite = torch.isfinite(ref.detach())
-        keep = _expand_mask(mask, finite)
-        if not bool(finite.logical_or_(~keep).all() if keep is not None else finite.all()):
-            raise ValueError(f"{what}: the reference has NaN or inf at compared positions; it decides nothing")
-        del finite, keep
+        _require_finite_reference(ref, _expand_mask(mask, ref), what)
         diff = _abs_diff(out, ref, mask)
         worst = _unravel(int(diff.argmax()), diff.shape) if diff.numel() else ()
         del diff
