@@ -292,13 +292,15 @@ def known_transformers_bug():
 
 
 @pytest.fixture(scope="session")
-def computed_once_per_run(request):
+def computed_once_per_run(request, device):
     """computed_once_per_run(key, compute) -> compute()'s result, computed by one pytest-xdist worker of
-    the run and loaded by the others (harness.worker_share); outside xdist, just compute()."""
+    the run and loaded by the others (harness.worker_share); outside xdist, just compute(). The key
+    gains the device kind (a GPU worker of a mixed host never loads another card's result)."""
+    from harness.performance.compile_cache import cache_key
     from harness.worker_share import computed_once, share_folder
 
-    folder = share_folder(request.config)
-    return lambda key, compute: computed_once(folder, key, compute)
+    folder, on = share_folder(request.config), cache_key(device)
+    return lambda key, compute: computed_once(folder, f"{key} on {on}", compute)
 
 
 @pytest.fixture(scope="session")

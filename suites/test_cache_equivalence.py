@@ -11,7 +11,6 @@ import pytest
 
 from harness.inference import generation as gen
 from harness.backends import cache as caches
-from harness.performance.compile_cache import cache_key as device_key
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +19,8 @@ def prompt(run_config):
 
 
 @pytest.fixture(scope="session")
-def no_cache_reference(model_spec, reference_model, prompt_inputs, pad, device, computed_once_per_run):
-    return computed_once_per_run(f"no-cache reference: {model_spec.name} on {device_key(device)}",
+def no_cache_reference(model_spec, reference_model, prompt_inputs, pad, computed_once_per_run):
+    return computed_once_per_run(f"no-cache reference: {model_spec.name}",
                                  lambda: gen.no_cache_run(reference_model, prompt_inputs, pad_token_id=pad))
 
 

@@ -19,7 +19,6 @@ from harness.inference import generation as gen
 from harness.equivalence import niah, niah_views
 from harness.equivalence import positions as pos
 from harness.backends.capabilities import by_name, dtype_name
-from harness.performance.compile_cache import cache_key as device_key
 
 # Tokens generated (and compared) after a long prompt: a few on CPU, more in the full profile.
 LONG_PROMPT_NEW_TOKENS = {"ci": 8, "full": 32}
@@ -103,7 +102,7 @@ def niah_scores(trained_quality, long_context_model, long_context_attn, tokenize
         key = (trained_quality.name, long_context_attn, str(long_context_model.dtype), length, repr(niah_config))
         if key not in _SCORES:
             _SCORES[key] = computed_once_per_run(
-                f"niah scores {key} on {device_key(long_context_model.device)}",
+                f"niah scores {key}",
                 lambda: [niah.run_cell(long_context_model, tokenizer, builder, length, depth, needle,
                                        niah_config.answer_tokens)[0]
                          for depth in niah_config.depths for needle in needles])

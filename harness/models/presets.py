@@ -136,12 +136,13 @@ def build_preset(name: str, device, dtype, seed: int = TINY_SEED, attn_implement
         no_init_weights = None
     preset = get_preset(name)
     config = preset.make_config()
-    remembering = torch.device(device).type == "cpu" and not preset.large and no_init_weights is not None
+    device_type = torch.device(device).type
+    remembering = device_type == "cpu" and not preset.large and no_init_weights is not None
     key = (name, str(dtype), seed)
     remembered = _TINY_WEIGHTS.get(key) if remembering else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if getattr(device, "type", str(device)) == "cuda":
+        if device_type == "cuda":
             torch.cuda.manual_seed_all(seed)
         with torch.device(device), (no_init_weights() if remembered is not None else contextlib.nullcontext()):
             # chosen at construction: some families (Falcon) cannot switch implementation afterwards
