@@ -264,10 +264,11 @@ def converted_gguf_dir(gguf_path: Path, *, log=print) -> Path:
 
 @contextlib.contextmanager
 def _one_gguf_parse():
-    """One GGUFReader per file (and one tensor-name map per architecture) while converting. transformers parses the header (the 49,152-token
-    vocabulary and its merges, element by element in Python: ~4 s on the 2-core CI machine) for
-    the config, again for the tokenizer and again for the weights, and check_gguf once more: 17 of
-    the conversion's 27 s, paid on every fresh machine before the first test of the default model.
+    """One GGUFReader per file (and one tensor-name map per architecture) while converting.
+    transformers parses the header (the 49,152-token vocabulary and its merges, element by element
+    in Python: ~4 s on the 2-core CI machine) for the config, again for the tokenizer and again for
+    the weights, and check_gguf once more: 17 of the conversion's 27 s, paid on every fresh machine
+    before the first test of the default model.
     The reader only reads (a memory map), so the four share one. transformers imports the class from
     the gguf module at each call; a release that binds it at import time just parses again."""
     import gguf
