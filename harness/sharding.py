@@ -12,10 +12,12 @@ two phases:
 A shard is whole test functions (every parametrisation of one function in one process, so session
 fixtures and compiled kernels are built once per function), spread by weight, largest first, onto
 the lightest shard: deterministic, so a rerun gives the same split. An item's weight is its
-duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), less what
-it spent compiling (the caches are warm now); on a fresh runner, the durations of a measured cold
-gate shipped in ``PRIOR_DURATIONS``, compile included (a test of another model: the mean of its
-function there); an item already marked to skip weighs nothing.
+duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), with what
+it spent compiling replaced by what that test still compiles on a warm runner (``WARM_DURATIONS``,
+a measured warm gate: the persistent caches take most compiles, not flex_attention's as the model
+calls it); on a fresh runner, the durations of a measured cold gate shipped in ``PRIOR_DURATIONS``,
+compile included (a test of another model: the mean of its function there); an item already marked
+to skip weighs nothing.
 
 While shards share the device, a memory meter cannot use NVML's device-wide reading (it would
 count the other shards' memory); ``SHARED_DEVICE_VARIABLE`` tells it so, and it keeps the
@@ -48,6 +50,10 @@ START_AFTER_VARIABLE = "HARNESS_START_AFTER"
 # cold quick gate's call durations on the default model (session 14's H100 run now; written by
 # `python -m harness.sharding prior RESULTS_JSON` from a run of examples/gpu-session.sh).
 PRIOR_DURATIONS = Path(__file__).parent / "data" / "shard-durations.json"
+# The compile seconds a warm runner still spends per test: session 16's warm H100 gate. Without it,
+# taking every compile second out of a cold history put the five flex_attention model tests (41 s of
+# compiling again, warm) in one shard: 87 s against 31-36 s for the other three.
+WARM_DURATIONS = Path(__file__).parent / "data" / "shard-durations-warm.json"
 EXCLUSIVE_MARKER = "exclusive"
 
 
@@ -114,41 +120,56 @@ def device_is_shared(environ=None) -> bool:
     return bool((environ if environ is not None else os.environ).get(SHARED_DEVICE_VARIABLE))
 
 
-def call_durations(results_path, less_compile: bool) -> dict[str, float]:
-    """nodeid -> call-phase seconds from a results.json (or PRIOR_DURATIONS), less the seconds
-    torch.compile took in them when ``less_compile``; {} for a missing or foreign file."""
+def call_rows(results_path) -> dict[str, tuple[float, float]]:
+    """nodeid -> (call-phase seconds, torch.compile seconds in them) from a results.json (or a shipped
+    duration file); {} for a missing or foreign file."""
     try:
         rows = json.loads(Path(results_path).read_text()).get("outcomes", [])
-        return {row["nodeid"]: max(float(row["duration_s"]) - (float(row.get("compile_s", 0.0)) if less_compile else 0.0), 0.0)
+        return {row["nodeid"]: (float(row["duration_s"]), float(row.get("compile_s", 0.0)))
                 for row in rows if row.get("when") == "call" and "duration_s" in row}
     except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return {}
 
 
+def _by_function(values: dict[str, float]) -> dict[str, float]:
+    grouped = defaultdict(list)
+    for nodeid, seconds in values.items():
+        grouped[function_key(nodeid)].append(seconds)
+    return {key: statistics.fmean(seconds) for key, seconds in grouped.items()}
+
+
+def _lookup(values: dict[str, float], by_function: dict[str, float], nodeid: str, default: float) -> float:
+    """An item's value; for one the file lacks (another model's), the mean of its function's there."""
+    return values.get(nodeid, by_function.get(function_key(nodeid), default))
+
+
 def history_weights(nodeids: list[str], skipped: list[bool], history_path: str | None,
-                    prior_path: Path | None = PRIOR_DURATIONS) -> list[float]:
+                    prior_path: Path | None = PRIOR_DURATIONS, warm_path: Path | None = WARM_DURATIONS) -> list[float]:
     """Weights for assign_shards; 0 for items marked to skip. With an earlier run (``history_path``):
-    its durations less compile seconds, the median known duration for new items. Compile seconds are
-    left out because the gate's second run on a runner finds them in the persistent compile caches: a
-    first run's kernel searches spent minutes compiling and then take seconds, so counting them gave
-    one shard a fifth of the others' work. Without one: ``prior_path``'s cold durations, compile
-    included, and for an item it lacks the mean of its function's items there; 1 each without either."""
-    durations = call_durations(history_path, less_compile=True) if history_path else {}
+    its durations with their compile seconds replaced by the ones ``warm_path`` measured on a warm
+    runner (0 for a test it lacks), the median known duration for new items. A first run's kernel
+    searches spent a minute compiling and take seconds on the second run (counting it gave one shard
+    a fifth of the others' work), while flex_attention inside a model compiles again every run
+    (counting none of it stacked those tests in one shard). Without a history: ``prior_path``'s cold
+    durations, compile included; 1 each without either."""
+    durations: dict[str, float] = {}
     by_function: dict[str, float] = {}
+    if history_path:
+        warm_compile = {nodeid: compile_s for nodeid, (_, compile_s) in call_rows(warm_path).items()} if warm_path else {}
+        warm_by_function = _by_function(warm_compile)
+        durations = {nodeid: max(seconds - compile_s, 0.0) + _lookup(warm_compile, warm_by_function, nodeid, 0.0)
+                     for nodeid, (seconds, compile_s) in call_rows(history_path).items()}
     if not durations and prior_path is not None:
-        durations = call_durations(prior_path, less_compile=False)
-        grouped = defaultdict(list)
-        for nodeid, seconds in durations.items():
-            grouped[function_key(nodeid)].append(seconds)
-        by_function = {key: statistics.fmean(values) for key, values in grouped.items()}
+        durations = {nodeid: seconds for nodeid, (seconds, _) in call_rows(prior_path).items()}
+        by_function = _by_function(durations)
     known = [durations[n] for n in nodeids if n in durations]
     default = statistics.median(known) if known else 1.0
-    return [0.0 if skip else durations.get(nodeid, by_function.get(function_key(nodeid), default))
-            for nodeid, skip in zip(nodeids, skipped)]
+    return [0.0 if skip else _lookup(durations, by_function, nodeid, default) for nodeid, skip in zip(nodeids, skipped)]
 
 
 def write_prior(results_path: str, out_path: Path = PRIOR_DURATIONS) -> int:
-    """PRIOR_DURATIONS from a cold gate's results.json: its call rows, nothing else; returns how many."""
+    """A shipped duration file (PRIOR_DURATIONS from a cold gate's results.json, WARM_DURATIONS from
+    the same runner's next, warm one): its call rows, nothing else; returns how many."""
     results = json.loads(Path(results_path).read_text())
     rows = [{key: row[key] for key in ("nodeid", "when", "duration_s", "compile_s") if key in row}
             for row in results.get("outcomes", []) if row.get("when") == "call"]
@@ -177,6 +198,8 @@ def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] != "prior":
-        sys.exit("usage: python -m harness.sharding prior RESULTS_JSON   (writes " + str(PRIOR_DURATIONS) + ")")
-    print(f"{write_prior(sys.argv[2])} call durations written to {PRIOR_DURATIONS}")
+    targets = {"prior": PRIOR_DURATIONS, "warm": WARM_DURATIONS}
+    if len(sys.argv) != 3 or sys.argv[1] not in targets:
+        sys.exit(f"usage: python -m harness.sharding prior COLD_RESULTS_JSON   (writes {PRIOR_DURATIONS})\n"
+                 f"       python -m harness.sharding warm WARM_RESULTS_JSON    (writes {WARM_DURATIONS})")
+    print(f"{write_prior(sys.argv[2], targets[sys.argv[1]])} call durations written to {targets[sys.argv[1]]}")

@@ -131,15 +131,26 @@ def test_waiting_process_starts_when_the_flag_appears(tmp_path):
     assert wait_for_start({"HARNESS_START_AFTER": str(flag)}, poll_s=0.05) and flag.exists()
 
 
-def test_compile_seconds_of_an_earlier_run_do_not_weigh_the_shards(tmp_path):
-    """A first run's kernel search compiled for a minute; on the warm runner it takes seconds."""
+def test_compile_seconds_of_an_earlier_run_weigh_only_what_a_warm_runner_still_compiles(tmp_path):
+    """A first run's kernel search compiled for a minute and takes seconds on the warm runner; a
+    flex_attention model test compiles again on every run (session 16's warm H100 gate: counting
+    none of its compile put all five such tests in one shard, 87 s against 31-36 s)."""
     from harness.sharding import history_weights
 
-    history = tmp_path / "results.json"
+    history, warm = tmp_path / "results.json", tmp_path / "warm.json"
     history.write_text(json.dumps({"outcomes": [
-        {"nodeid": "search", "when": "call", "duration_s": 60.0, "compile_s": 57.0},
-        {"nodeid": "decode", "when": "call", "duration_s": 10.0, "compile_s": 0.0}]}))
-    assert history_weights(["search", "decode"], [False, False], str(history)) == [3.0, 10.0]
+        {"nodeid": "k.py::search", "when": "call", "duration_s": 60.0, "compile_s": 57.0},
+        {"nodeid": "m.py::flex[smollm2-135m]", "when": "call", "duration_s": 14.0, "compile_s": 12.5},
+        {"nodeid": "m.py::flex[tiny:llama]", "when": "call", "duration_s": 4.0, "compile_s": 3.0},
+        {"nodeid": "d.py::decode", "when": "call", "duration_s": 10.0, "compile_s": 0.0}]}))
+    warm.write_text(json.dumps({"outcomes": [
+        {"nodeid": "k.py::search", "when": "call", "duration_s": 5.0, "compile_s": 2.0},
+        {"nodeid": "m.py::flex[smollm2-135m]", "when": "call", "duration_s": 16.0, "compile_s": 15.0}]}))
+    ids = ["k.py::search", "m.py::flex[smollm2-135m]", "m.py::flex[tiny:llama]", "d.py::decode"]
+    # tiny:llama: the warm file lacks it, so its function's warm compile there
+    assert history_weights(ids, [False] * 4, str(history), warm_path=warm) == [5.0, 16.5, 16.0, 10.0]
+    assert history_weights(ids, [False] * 4, str(history), warm_path=None) == [3.0, 1.5, 1.0, 10.0]
+    assert assign_shards(ids, 2, history_weights(ids, [False] * 4, str(history), warm_path=warm)) == [1, 0, 0, 1]
 
 
 def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
@@ -164,7 +175,7 @@ def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
 def test_a_fresh_runner_splits_by_the_shipped_cold_durations(tmp_path):
     """No earlier run: the prior's durations, compile included (the caches are cold too); another
     model's test gets its function's mean there; the shipped prior is a valid one."""
-    from harness.sharding import PRIOR_DURATIONS, call_durations, history_weights, write_prior
+    from harness.sharding import PRIOR_DURATIONS, WARM_DURATIONS, call_rows, history_weights, write_prior
 
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"environment": {"gpu": "H100"}, "outcomes": [
@@ -177,6 +188,8 @@ def test_a_fresh_runner_splits_by_the_shipped_cold_durations(tmp_path):
     weights = history_weights(["k.py::search[flex]", "m.py::decode[tiny:llama]", "n.py::new", "k.py::search[sdpa]"],
                               [False, False, False, True], None, prior_path=prior)
     assert weights == [100.0, 10.0, 51.0, 0.0]  # n.py::new: no function there, the median of this run's known ids
-    assert history_weights(["k.py::search[flex]"], [False], str(results), prior_path=prior) == [5.0]
-    shipped = call_durations(PRIOR_DURATIONS, less_compile=False)
-    assert len(shipped) > 100 and any("test_kernel_matches_fp64_reference" in n for n in shipped)
+    assert history_weights(["k.py::search[flex]"], [False], str(results), prior_path=prior, warm_path=None) == [5.0]
+    for shipped in (call_rows(PRIOR_DURATIONS), call_rows(WARM_DURATIONS)):
+        assert len(shipped) > 100 and any("test_kernel_matches_fp64_reference" in n for n in shipped)
+    cold, warm = call_rows(PRIOR_DURATIONS), call_rows(WARM_DURATIONS)
+    assert sum(c for _, c in cold.values()) > 2 * sum(c for _, c in warm.values()), "the warm file is not a warm run's"
