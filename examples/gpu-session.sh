@@ -14,7 +14,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 out=${OUT:-/tmp/gpu-out}
 logs=/tmp/gpu-logs
 mkdir -p "$out" "$logs"
-phase=${1:?phase: smoke | focus | flex | gate-default | gates | faults | gate-7b | seeds | long}
+phase=${1:?phase: smoke | focus | flex | gate-default | gates | jobs-cold | jobs-warm | faults | gate-7b | seeds | long}
 tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cd 'A-Za-z0-9' | tr A-Z a-z | sed 's/nvidia//')
 tag=${tag:-gpu}
 failed=0
@@ -74,6 +74,17 @@ case $phase in
            --report-dir "reports/$tag-fault-$fault" -- suites/test_attention_dispatch.py suites/test_attention_model.py -x
     done
     failed=0 ;;  # these steps are expected to fail; summary.txt has their exit codes
+  jobs-cold)  # issue 15, session 16: a cold default-model gate with JOBS processes side by side
+    step "gate-default-cold-j${JOBS:-6}" ${CAP:-300} $GATE --jobs ${JOBS:-6} --model smollm2-135m \
+         --thresholds examples/thresholds-smollm2-135m.json --report-dir "reports/$tag-gate-default" ;;
+  jobs-warm)  # then warm, with each number of processes in JOBS_LIST, and which flex_attention tests recompile
+    for jobs in ${JOBS_LIST:-4 6}; do
+      step "gate-default-warm-j$jobs" ${CAP:-200} $GATE --jobs $jobs --model smollm2-135m \
+           --thresholds examples/thresholds-smollm2-135m.json --report-dir "reports/$tag-gate-default"
+    done
+    step flex-recompiles ${FLEXCAP:-100} env TORCH_LOGS=recompiles $PYTEST -s suites/test_attention_dispatch.py \
+         suites/test_attention_kernels.py suites/test_attention_model.py -k flex_attention --model smollm2-135m \
+         --report-dir "reports/$tag-flex-recompiles" ;;
   gate-7b)
     step gate-7b 560 $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
   seeds)  # issue 14: 20 seeds of the attention model suites in bf16, JOBS at a time on the one GPU
