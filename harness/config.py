@@ -62,6 +62,8 @@ MARKERS = (
     "acceptance: checks that need trained weights",
     "exclusive: times the device or reads its memory: harness.gate runs it alone "
     "on the device, after the tests it runs side by side",
+    "beside_shards: an exclusive test whose set-up times nothing (a compile warm-up): harness.gate "
+    "runs it first and sets it up while the side-by-side tests still run",
     "needs(capability, ...): skip unless every named capability is available here",
     "memory_budget(size): fail the test when its peak memory exceeds size, e.g. '12GiB'; "
     "memory_budget(None) exempts a test from --memory-budget",

@@ -221,9 +221,9 @@ def _run_phases(opts, extra, jobs) -> int:
 
 
 def _run_processes(processes: list[Process], parts_root: Path) -> None:
-    """Start every process at once (the exclusive one imports and collects, then waits for the
-    shards: harness.sharding.wait_for_start); when the shards are done, let it run; print each
-    one's summary line and failures as it ends."""
+    """Start every process at once (the exclusive one imports, collects and sets up its
+    beside_shards tests, then waits for the shards: harness.sharding); when the shards are done,
+    let it run; print each one's summary line and failures as it ends."""
     from harness.sharding import HISTORY_VARIABLE, START_AFTER_VARIABLE
 
     flag = parts_root / "shards-done"

@@ -19,7 +19,8 @@ from harness.performance import memory_budget as budgets
 from harness.performance.memory import freeze_startup_objects
 from harness.results import suite_of
 from harness.session import RunSession, start_session
-from harness.sharding import model_order, select_shard, wait_for_start
+from harness.sharding import (BESIDE_SHARDS_MARKER, beside_shards_first, model_order, select_shard, wait_for_start,
+                              waits_for_shards)
 
 _STATE_KEY = pytest.StashKey[RunSession]()
 
@@ -95,6 +96,9 @@ def pytest_collection_modifyitems(config, items):
     specs = [getattr(getattr(item, "callspec", None), "params", {}).get("model_spec") for item in items]
     items[:] = [items[i] for i in model_order([None if s is None else s.name for s in specs],
                                               [s.name for s in state.specs])]
+    if waits_for_shards():  # the gate's exclusive process: what may set up beside the shards, first
+        items[:] = [items[i] for i in beside_shards_first([item.get_closest_marker(BESIDE_SHARDS_MARKER) is not None
+                                                           for item in items])]
     on_gpu = state.device.type == "cuda"
     run_slow = config.getoption("--run-slow")
     for item in items:
@@ -112,10 +116,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    """A process the gate starts beside its shards waits for them before its first test."""
-    if session.testscollected and not wait_for_start():
-        raise session.Interrupted("harness: the gate that started this process is gone; no test was run")
     freeze_startup_objects()
+
+
+def _wait_for_shards() -> None:
+    """A process the gate starts beside its shards uses the device alone: it waits for them here
+    (at once when there are none, or they are done)."""
+    if not wait_for_start():
+        pytest.exit("harness: the gate that started this process is gone; stopped before timing anything",
+                    returncode=pytest.ExitCode.INTERRUPTED)
 
 
 def _skip_unless_available(config, *names: str) -> None:
@@ -126,6 +135,8 @@ def _skip_unless_available(config, *names: str) -> None:
 
 
 def pytest_runtest_setup(item):
+    if item.get_closest_marker(BESIDE_SHARDS_MARKER) is None:
+        _wait_for_shards()
     for marker in item.iter_markers("needs"):
         _skip_unless_available(item.config, *marker.args)
 
@@ -133,6 +144,7 @@ def pytest_runtest_setup(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     """The test's memory budget (harness.performance.memory_budget) covers its call."""
+    _wait_for_shards()  # a beside_shards test set up while they ran
     marker = item.get_closest_marker("memory_budget")
     budget = _usage(budgets.budget_for_test, item.nodeid, None if marker is None else marker.args,
                     _state(item.config).run.memory_budget_bytes)
@@ -145,7 +157,7 @@ def pytest_runtest_call(item):
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    _state(item.config).stamp_compile_seconds(report)  # here, in the xdist worker that compiled
+    _state(item.config).stamp_phase_times(report)  # here, in the xdist worker that compiled
     return report
 
 
@@ -178,6 +190,14 @@ def device(request):
 def dtype(request):
     """The compute dtype of the run (--dtype, auto: bfloat16 on CUDA, float32 on CPU)."""
     return _state(request.config).dtype
+
+
+@pytest.fixture(scope="session")
+def device_alone(device):
+    """The device with no shard of the gate beside it: a fixture that measures the device in its
+    set-up asks for this first (set-ups of beside_shards tests run while the shards do)."""
+    _wait_for_shards()
+    return device
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,12 @@ from harness.equivalence.tolerances import Tolerances, load_tolerances
 from harness.errors import HarnessUsageError
 from harness.models.capabilities import model_category, refusals
 from harness.models.factory import ModelFactory
-from harness.performance.run_times import (COMPILE_ATTRIBUTE, CompileClock, RunTimes, compile_seconds_so_far,
+from harness.performance.run_times import (COMPILE_ATTRIBUTE, CounterClock, RunTimes, compile_seconds_so_far,
                                            phase_compile_seconds)
 from harness.profiles import register_hypothesis_profiles
 from harness.reporting.outcomes import benchmark_document, decides_outcome, outcome_row
 from harness.results import Result, suite_of
+from harness.sharding import seconds_waited
 
 PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"
 
@@ -40,7 +41,8 @@ class RunSession:
     records: list[Result] = field(default_factory=list)  # every record_result row
     outcomes: list[dict] = field(default_factory=list)  # one row per test phase that decided an outcome
     run_times: RunTimes = field(default_factory=RunTimes)
-    compile_clock: CompileClock = field(default_factory=CompileClock)
+    compile_clock: CounterClock = field(default_factory=CounterClock)
+    wait_clock: CounterClock = field(default_factory=lambda: CounterClock(0.0))  # a counter from 0: no baseline read
     capabilities: tuple | None = None  # the device's matrix, probed on first use
     model_capabilities: dict = field(default_factory=dict)  # model name -> its rows (harness.models.capabilities)
     benchmarks: dict | None = None  # pytest-benchmark's JSON document, at the end of the run
@@ -106,9 +108,13 @@ class RunSession:
         self.run_dir = new_run_dir(Path(self.run.report_dir), self.specs)
         return self.run_dir
 
-    def stamp_compile_seconds(self, report) -> None:
-        """As a phase's report is made, in the process that ran the phase: its compile seconds."""
+    def stamp_phase_times(self, report) -> None:
+        """As a phase's report is made, in the process that ran the phase: its compile seconds, and
+        its duration less any wait for the gate's shards in it (harness.sharding.wait_for_start)."""
         setattr(report, COMPILE_ATTRIBUTE, self.compile_clock.since_last(compile_seconds_so_far()))
+        waited = self.wait_clock.since_last(seconds_waited())
+        if waited:
+            report.duration = max(report.duration - waited, 0.0)
 
     def record_phase(self, report) -> None:
         """A test phase's report: one outcome row where the phase decided the outcome (call, or a

@@ -7,7 +7,12 @@ two phases:
 1. every test that does not measure the device runs in ``jobs`` pytest processes at once, each
    taking one shard (``--shard K/N``) of the collected tests;
 2. the tests marked ``exclusive`` (they time the device or read its memory: benchmarks, serving
-   speed, the memory suites) run afterwards in one process, alone on the device.
+   speed, the memory suites) run afterwards in one process, alone on the device. That process
+   starts with the shards (imports, collection) and waits for them before its first test; the tests
+   also marked ``beside_shards`` run first, and their set-up (a compile warm-up, which times
+   nothing) runs while the shards still do: they wait before their call, and a fixture that
+   measures the device waits before measuring (``wait_for_start``). The wait is taken out of the
+   phase it fell in (``seconds_waited``), so durations and the time table show the work alone.
 
 A shard is whole test functions (every parametrisation of one function in one process, so session
 fixtures and compiled kernels are built once per function), spread by weight, largest first, onto
@@ -55,6 +60,7 @@ PRIOR_DURATIONS = Path(__file__).parent / "data" / "shard-durations.json"
 # compiling again, warm) in one shard: 87 s against 31-36 s for the other three.
 WARM_DURATIONS = Path(__file__).parent / "data" / "shard-durations-warm.json"
 EXCLUSIVE_MARKER = "exclusive"
+BESIDE_SHARDS_MARKER = "beside_shards"
 
 
 @dataclass(frozen=True)
@@ -181,18 +187,40 @@ def write_prior(results_path: str, out_path: Path = PRIOR_DURATIONS) -> int:
     return len(rows)
 
 
+def waits_for_shards(environ=None) -> bool:
+    """Whether this process was started beside shards it must wait for (the gate's exclusive one)."""
+    return bool((environ if environ is not None else os.environ).get(START_AFTER_VARIABLE))
+
+
+def beside_shards_first(marked: list[bool]) -> list[int]:
+    """Positions of the collected items with the ones marked beside_shards first, order kept otherwise."""
+    return sorted(range(len(marked)), key=lambda i: not marked[i])
+
+
+_waited = {"seconds": 0.0}
+
+
+def seconds_waited() -> float:
+    """Seconds this process has spent in wait_for_start, all calls together."""
+    return _waited["seconds"]
+
+
 def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:
     """Block until the file named by START_AFTER_VARIABLE exists (True), or the process that
-    started this one is gone (False: nobody will create it). Returns True at once when unset."""
+    started this one is gone (False: nobody will create it). Returns True at once when unset or
+    already there, so every place that must not share the device may call it."""
     flag = (environ if environ is not None else os.environ).get(START_AFTER_VARIABLE)
-    if not flag:
+    if not flag or Path(flag).exists():
         return True
-    parent = os.getppid()
-    while not Path(flag).exists():
-        if os.getppid() != parent:
-            return False
-        time.sleep(poll_s)
-    return True
+    parent, started = os.getppid(), time.perf_counter()
+    try:
+        while not Path(flag).exists():
+            if os.getppid() != parent:
+                return False
+            time.sleep(poll_s)
+        return True
+    finally:
+        _waited["seconds"] += time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness.performance.run_times import CompileClock, RunTimes, compile_seconds_so_far
+from harness.performance.run_times import CounterClock, RunTimes, compile_seconds_so_far
 
 
 def test_phases_split_into_setup_compile_and_measure():
@@ -20,7 +20,7 @@ def test_phases_split_into_setup_compile_and_measure():
 
 
 def test_the_clock_reads_compile_seconds_since_the_last_phase():
-    clock = CompileClock()
+    clock = CounterClock()
     assert clock.since_last(10.0) == 0.0   # first reading: a baseline
     assert clock.since_last(13.0) == 3.0
     assert clock.since_last(13.0) == 0.0
@@ -64,9 +64,9 @@ def test_compile_seconds_reach_the_controller_on_the_report(monkeypatch):
     worker, controller = session(), session()
     report = phase("call", 5.0)
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 10.0)
-    worker.stamp_compile_seconds(phase("setup", 0.1))  # the worker's baseline
+    worker.stamp_phase_times(phase("setup", 0.1))  # the worker's baseline
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 13.0)
-    worker.stamp_compile_seconds(report)
+    worker.stamp_phase_times(report)
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 0.0)  # the controller compiled nothing
     controller.record_phase(TestReport._from_json(report._to_json()))
     assert controller.run_times.rows()[0]["compile_s"] == 3.0

@@ -97,6 +97,76 @@ def test_shards_of_a_run_cover_it_exactly_once(pytester):
     assert "--shard expects K/N" in bad.stderr.str()
 
 
+EXCLUSIVE_SUITE = '''
+import json, os, pathlib, threading, time
+import pytest
+
+def log(event):
+    with open(os.environ["EVENTS"], "a") as out:
+        out.write(json.dumps([event, time.time()]) + "\\n")
+
+@pytest.fixture
+def warm_up():
+    log("warm-up set up")
+    threading.Timer(1.5, pathlib.Path(os.environ["HARNESS_START_AFTER"]).touch).start()  # the shards end later
+
+@pytest.fixture
+def measured_in_set_up(device_alone):
+    log("device measured in set-up")
+
+def test_plain(measured_in_set_up):
+    log("plain called")
+
+@pytest.mark.beside_shards
+def test_warmed(warm_up):
+    log("warmed called")
+    time.sleep(0.2)
+'''
+
+
+def test_the_exclusive_process_sets_up_beside_shards_tests_first_and_measures_only_after_the_shards(
+        pytester, monkeypatch, tmp_path):
+    """harness.gate's exclusive process: a beside_shards test goes first and its set-up (a compile
+    warm-up) runs while the shards do; its call, and every other test's set-up, waits for them, and
+    the wait is no test's duration."""
+    import threading
+
+    flag, events = tmp_path / "shards-done", tmp_path / "events.jsonl"
+    monkeypatch.setenv("HARNESS_START_AFTER", str(flag))
+    monkeypatch.setenv("EVENTS", str(events))
+    pytester.makepyfile(test_exclusive=EXCLUSIVE_SUITE)
+    unblock = threading.Timer(60, flag.touch)  # a set-up that wrongly waited would hang here without it
+    unblock.start()
+    try:
+        result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                              "--device", "cpu", "--report-dir", str(tmp_path / "r"))
+    finally:
+        unblock.cancel()
+    result.assert_outcomes(passed=2)
+    done = flag.stat().st_mtime
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [event for event, _ in log] == ["warm-up set up", "warmed called", "device measured in set-up", "plain called"]
+    assert log[0][1] + 1.0 < done <= log[1][1], (log, done)  # set up beside the shards, called after them
+    durations = {row["nodeid"].split("::")[1]: row["duration_s"] for row in
+                 json.loads(next((tmp_path / "r").glob("*/results.json")).read_text())["outcomes"]}
+    assert 0.2 <= durations["test_warmed"] < 1.2, durations  # the ~1.5 s wait is left out of the call
+
+
+def test_no_beside_shards_suite_test_measures_the_device_in_its_set_up(pytester):
+    """Their set-up runs while the gate's shards use the device: a fixture that waits for the device
+    alone (device_alone, device_peaks) there would stall it, and a measuring one would be disturbed."""
+    from pathlib import Path
+
+    suites = Path(__file__).resolve().parents[1] / "suites"
+    items, _ = pytester.inline_genitems(str(suites), "-p", "harness.plugin", "-p", "no:cacheprovider",
+                                        "--model", "tiny:llama", "--device", "cpu")
+    marked = [item for item in items if item.get_closest_marker("beside_shards")]
+    assert marked, "no suite test is set up beside the shards"
+    assert all(item.get_closest_marker("exclusive") for item in marked)
+    measuring = [item.nodeid for item in marked if {"device_alone", "device_peaks"} & set(item.fixturenames)]
+    assert not measuring, measuring
+
+
 def test_memory_meter_does_not_read_nvml_on_a_shared_device(monkeypatch):
     """NVML reads the whole device: beside other shards it would count their memory as this test's."""
     from harness.performance import memory
@@ -162,12 +232,12 @@ def test_each_outcome_row_says_how_long_its_test_compiled(monkeypatch):
     session = session_module.RunSession(RunConfig(), [], "cpu", "float32", Tolerances())
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 10.0)
     setup = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="setup", outcome="passed", duration=1.0)
-    session.stamp_compile_seconds(setup)  # where the phase ran (an xdist worker), as its report is made
+    session.stamp_phase_times(setup)  # where the phase ran (an xdist worker), as its report is made
     session.record_phase(setup)  # a passing set-up decides nothing: no row
     monkeypatch.setattr(session_module, "compile_seconds_so_far", lambda: 12.5)
     call = SimpleNamespace(nodeid="suites/test_x.py::test_y", when="call", outcome="passed", duration=5.0,
                            skipped=False, failed=False, longrepr=None)
-    session.stamp_compile_seconds(call)
+    session.stamp_phase_times(call)
     session.record_phase(call)
     assert [(row["when"], row["duration_s"], row["compile_s"]) for row in session.outcomes] == [("call", 5.0, 2.5)]
 

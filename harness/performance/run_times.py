@@ -46,17 +46,19 @@ COMPILE_ATTRIBUTE = "harness_compile_s"
 
 
 @dataclass
-class CompileClock:
-    """This process's torch.compile seconds since its last reading. Read as each test phase's report
-    is made, in the process that ran the phase: under pytest-xdist the controller, which collects
-    the reports, compiles nothing itself (its own counter left the compile column at 0 on CPU CI)."""
+class CounterClock:
+    """A cumulative seconds counter of this process (torch.compile's, the wait for the gate's
+    shards) since its last reading. Read as each test phase's report is made, in the process that
+    ran the phase: under pytest-xdist the controller, which collects the reports, compiles nothing
+    itself (its own counter left the compile column at 0 on CPU CI). Without a starting value the
+    first reading is the baseline."""
 
     _last: float | None = None
 
-    def since_last(self, compiled_so_far: float) -> float:
-        before = compiled_so_far if self._last is None else self._last  # the first reading: a baseline
-        self._last = compiled_so_far
-        return max(compiled_so_far - before, 0.0)  # a counter reset (torch._dynamo.reset) reads as none
+    def since_last(self, so_far: float) -> float:
+        before = so_far if self._last is None else self._last  # the first reading: a baseline
+        self._last = so_far
+        return max(so_far - before, 0.0)  # a counter reset (torch._dynamo.reset) reads as none
 
 
 def phase_compile_seconds(report) -> float:

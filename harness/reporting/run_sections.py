@@ -122,7 +122,8 @@ def suites_section(summary: dict) -> Section:
              for p in summary["phases"]], ["l", "l", "r", "r", "r"],
             caption="The gate's processes: the shards ran side by side, then the exclusive tests (speed, device "
                     "memory) alone on the device (harness.sharding). The exclusive process started with the "
-                    "shards and waited for them, so its wall time includes that wait."))
+                    "shards, set up its beside_shards tests (compile warm-ups) and waited for them, so its "
+                    "wall time includes that wait; its tests' times do not."))
     return section
 
 
