@@ -33,9 +33,11 @@ $(VENV)/.installed: pyproject.toml
 # Two pytest-xdist workers with one torch thread each: most tests are Python-bound on this 2-core
 # machine, where two threads in one process measured slower (see README). The speed benchmarks
 # run after, alone in one process: pytest-benchmark times nothing under xdist.
+# --dist worksteal: with xdist's default (load) one worker kept a queue of ~65 s it could not hand
+# over while the other idled at the end (session 16: 354 s -> 308 s for the same tests).
 TEST_JOBS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests suites --ignore=suites/test_benchmarks.py -n $(TEST_JOBS) \
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests suites --ignore=suites/test_benchmarks.py -n $(TEST_JOBS) --dist worksteal \
 		--model $(TEST_MODELS) -p no:cacheprovider --durations=15 $(TEST_ARGS); \
 	parallel=$$?; \
 	$(PY) -m pytest suites/test_benchmarks.py --model $(TEST_MODELS) -p no:cacheprovider $(TEST_ARGS); \
