@@ -86,7 +86,7 @@ case $phase in
          suites/test_attention_kernels.py suites/test_attention_model.py -k flex_attention --model smollm2-135m \
          --report-dir "reports/$tag-flex-recompiles" ;;
   gate-7b)
-    step gate-7b 560 $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
+    step gate-7b ${CAP:-560} $GATE --model random:llama-7b --report-dir "reports/$tag-gate-llama7b" ;;
   seeds)  # issue 14: 20 seeds of the attention model suites in bf16, JOBS at a time on the one GPU
     OMP_NUM_THREADS=2 JOBS=${JOBS:-6} PY=python3 step seeds ${CAP:-560} bash examples/seed-sweep.sh "reports/$tag-seed-sweep" 1 20 \
          suites/test_attention_dispatch.py suites/test_attention_model.py --model smollm2-135m --device cuda --dtype bfloat16 ;;
