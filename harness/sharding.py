@@ -102,11 +102,16 @@ def assign_shards(nodeids: list[str], count: int, weights: list[float] | None = 
     return shard_of
 
 
+def _variable(name: str, environ=None) -> str | None:
+    """One of the gate's variables from ``environ`` (tests pass a dict), else from this process's."""
+    return (environ if environ is not None else os.environ).get(name)
+
+
 def select_shard(text: str, nodeids: list[str], skipped: list[bool], environ=None) -> list[bool]:
     """--shard K/N: for each collected node id, whether this process runs it (weights from the
     HISTORY_VARIABLE file where set); HarnessUsageError for a malformed K/N."""
     shard = parse_shard(text)
-    history = (environ if environ is not None else os.environ).get(HISTORY_VARIABLE)
+    history = _variable(HISTORY_VARIABLE, environ)
     owner = assign_shards(nodeids, shard.count, history_weights(nodeids, skipped, history))
     return [index == shard.index - 1 for index in owner]
 
@@ -123,7 +128,7 @@ def model_order(item_models: list[str | None], model_names: list[str]) -> list[i
 
 
 def device_is_shared(environ=None) -> bool:
-    return bool((environ if environ is not None else os.environ).get(SHARED_DEVICE_VARIABLE))
+    return bool(_variable(SHARED_DEVICE_VARIABLE, environ))
 
 
 def call_rows(results_path) -> dict[str, tuple[float, float]]:
@@ -189,7 +194,7 @@ def write_prior(results_path: str, out_path: Path = PRIOR_DURATIONS) -> int:
 
 def waits_for_shards(environ=None) -> bool:
     """Whether this process was started beside shards it must wait for (the gate's exclusive one)."""
-    return bool((environ if environ is not None else os.environ).get(START_AFTER_VARIABLE))
+    return bool(_variable(START_AFTER_VARIABLE, environ))
 
 
 def beside_shards_first(marked: list[bool]) -> list[int]:
@@ -209,7 +214,7 @@ def wait_for_start(environ=None, poll_s: float = 0.2) -> bool:
     """Block until the file named by START_AFTER_VARIABLE exists (True), or the process that
     started this one is gone (False: nobody will create it). Returns True at once when unset or
     already there, so every place that must not share the device may call it."""
-    flag = (environ if environ is not None else os.environ).get(START_AFTER_VARIABLE)
+    flag = _variable(START_AFTER_VARIABLE, environ)
     if not flag or Path(flag).exists():
         return True
     parent, started = os.getppid(), time.perf_counter()
