@@ -259,7 +259,7 @@ def test_a_fresh_runner_splits_by_the_shipped_cold_durations(tmp_path):
                               [False, False, False, True], None, prior_path=prior)
     assert weights == [100.0, 10.0, 51.0, 0.0]  # n.py::new: no function there, the median of this run's known ids
     assert history_weights(["k.py::search[flex]"], [False], str(results), prior_path=prior, warm_path=None) == [5.0]
-    for shipped in (call_rows(PRIOR_DURATIONS), call_rows(WARM_DURATIONS)):
-        assert len(shipped) > 100 and any("test_kernel_matches_fp64_reference" in n for n in shipped)
     cold, warm = call_rows(PRIOR_DURATIONS), call_rows(WARM_DURATIONS)
+    for shipped in (cold, warm):
+        assert len(shipped) > 100 and any("test_kernel_matches_fp64_reference" in n for n in shipped)
     assert sum(c for _, c in cold.values()) > 2 * sum(c for _, c in warm.values()), "the warm file is not a warm run's"
