@@ -116,13 +116,14 @@ class Process:
 def phase_commands(opts, extra: list[str], jobs: int, parts_root: Path) -> list[Process]:
     """Every process of a side-by-side run: the shards (run together), then the exclusive tests
     (alone, last)."""
-    from harness.sharding import EXCLUSIVE_MARKER, SHARED_DEVICE_VARIABLE
+    from harness.sharding import EXCLUSIVE_MARKER, QUEUE_VARIABLE, SHARED_DEVICE_VARIABLE
 
     processes = []
     for k in range(1, jobs + 1):
         selection = ["-m", f"not {EXCLUSIVE_MARKER}", "--shard", f"{k}/{jobs}"]
         cmd, env = build_command(opts, extra + selection, str(parts_root / f"shard{k}"))
-        processes.append(Process(f"shard {k}/{jobs}", selection, cmd, {**env, SHARED_DEVICE_VARIABLE: "1"},
+        processes.append(Process(f"shard {k}/{jobs}", selection, cmd,
+                                 {**env, SHARED_DEVICE_VARIABLE: "1", QUEUE_VARIABLE: str(parts_root / "queue")},
                                  parts_root / f"shard{k}"))
     selection = ["-m", EXCLUSIVE_MARKER]
     cmd, env = build_command(opts, extra + selection, str(parts_root / "exclusive"))
@@ -197,7 +198,8 @@ def _run_phases(opts, extra, jobs) -> int:
 
     started = time.monotonic()
     parts_root = Path(opts.report_dir) / f".gate-parts-{os.getpid()}"
-    (parts_root / "logs").mkdir(parents=True, exist_ok=True)
+    for folder in ("logs", "queue"):
+        (parts_root / folder).mkdir(parents=True, exist_ok=True)
     processes = phase_commands(opts, extra, jobs, parts_root)
     interrupted = False
     try:

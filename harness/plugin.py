@@ -19,8 +19,8 @@ from harness.performance import memory_budget as budgets
 from harness.performance.memory import freeze_startup_objects
 from harness.results import suite_of
 from harness.session import RunSession, start_session
-from harness.sharding import (BESIDE_SHARDS_MARKER, beside_shards_first, model_order, select_shard, wait_for_start,
-                              waits_for_shards)
+from harness.sharding import (BESIDE_SHARDS_MARKER, beside_shards_first, model_order, select_shard, shard_queue,
+                              wait_for_start, waits_for_shards)
 
 _STATE_KEY = pytest.StashKey[RunSession]()
 
@@ -93,9 +93,7 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     state = _state(config)
     # every test of one model, then the next (harness.sharding.model_order says why)
-    specs = [getattr(getattr(item, "callspec", None), "params", {}).get("model_spec") for item in items]
-    items[:] = [items[i] for i in model_order([None if s is None else s.name for s in specs],
-                                              [s.name for s in state.specs])]
+    items[:] = [items[i] for i in model_order([_model_name(item) for item in items], [s.name for s in state.specs])]
     if waits_for_shards():  # the gate's exclusive process: what may set up beside the shards, first
         items[:] = [items[i] for i in beside_shards_first([item.get_closest_marker(BESIDE_SHARDS_MARKER) is not None
                                                            for item in items])]
@@ -107,16 +105,45 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: part of the full profile (pass --run-slow)"))
     if config.getoption("--shard"):
-        keep = _usage(select_shard, config.getoption("--shard"), [item.nodeid for item in items],
-                      [item.get_closest_marker("skip") is not None for item in items])
+        nodeids, skipped = [item.nodeid for item in items], [item.get_closest_marker("skip") is not None for item in items]
+        queue = _usage(shard_queue, config.getoption("--shard"), nodeids, [_model_name(item) for item in items], skipped)
+        if queue is not None:  # the gate's shards: every process collects all, each runs what it claims
+            order, state.shard_queue = queue
+            items[:] = [items[i] for i in order]
+            return
+        keep = _usage(select_shard, config.getoption("--shard"), nodeids, skipped)
         if not all(keep):
             config.hook.pytest_deselected(items=[item for item, kept in zip(items, keep) if not kept])
             items[:] = [item for item, kept in zip(items, keep) if kept]
 
 
+def _model_name(item) -> str | None:
+    spec = getattr(getattr(item, "callspec", None), "params", {}).get("model_spec")
+    return None if spec is None else spec.name
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
     freeze_startup_objects()
+    queue = _state(session.config).shard_queue
+    if queue is None or session.config.option.collectonly:
+        return None  # pytest's own loop
+    if session.testsfailed and not session.config.option.continue_on_collection_errors:
+        raise session.Interrupted(f"{session.testsfailed} errors during collection")
+    # A gate shard runs the items it claims, passing over the others without a report. The next item
+    # it runs is claimed before this one's teardown, which tears down to it (as xdist's workers pass
+    # theirs): a unit is claimed at most one test early.
+    mine = (item for item in session.items if queue.takes(item.nodeid))
+    item = next(mine, None)
+    while item is not None:
+        following = next(mine, None)
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=following)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        item = following
+    return True
 
 
 def _wait_for_shards() -> None:

@@ -47,6 +47,7 @@ class RunSession:
     model_capabilities: dict = field(default_factory=dict)  # model name -> its rows (harness.models.capabilities)
     benchmarks: dict | None = None  # pytest-benchmark's JSON document, at the end of the run
     failure_texts: dict = field(default_factory=dict)  # 'nodeid::when' -> message and traceback, at the end
+    shard_queue: object = None  # harness.sharding.ShardQueue in a gate's shard process, else None
 
     # --- capabilities, probed once per run
 

@@ -16,7 +16,10 @@ two phases:
 
 A shard is whole test functions (every parametrisation of one function in one process, so session
 fixtures and compiled kernels are built once per function), spread by weight, largest first, onto
-the lightest shard: deterministic, so a rerun gives the same split. An item's weight is its
+the lightest shard: deterministic, so a rerun gives the same split. The gate's own shards take the
+same units from one queue instead (``QUEUE_VARIABLE``: a folder where the first process to create a
+unit's claim file runs it): heaviest first, each process its next unit as soon as it is free, so a
+test that runs longer than its weight said delays only its own process's next claim. An item's weight is its
 duration in an earlier run's results.json when the gate has one (``HISTORY_VARIABLE``), with what
 it spent compiling replaced by what that test still compiles on a warm runner (``WARM_DURATIONS``,
 a measured warm gate: the persistent caches take most compiles, not flex_attention's as the model
@@ -31,13 +34,14 @@ allocator's per-process peaks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import statistics
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.errors import HarnessUsageError
@@ -52,13 +56,19 @@ START_AFTER_VARIABLE = "HARNESS_START_AFTER"
 # A fresh runner has no earlier run: by item count, one shard of session 12's cold gate got the
 # flex_attention search and the static-cache compile together and ran 210 s against 86-133 s for
 # the others; split by session 12's durations, session 13's cold shards ran 99-149 s. These are a
-# cold quick gate's call durations on the default model (session 14's H100 run now; written by
+# cold quick gate's call durations on the default model (session 18's H200 run now; written by
 # `python -m harness.sharding prior RESULTS_JSON` from a run of examples/gpu-session.sh).
 PRIOR_DURATIONS = Path(__file__).parent / "data" / "shard-durations.json"
-# The compile seconds a warm runner still spends per test: session 16's warm H100 gate. Without it,
+# The compile seconds a warm runner still spends per test: session 18's second warm H200 gate. Without it,
 # taking every compile second out of a cold history put the five flex_attention model tests (41 s of
 # compiling again, warm) in one shard: 87 s against 31-36 s for the other three.
 WARM_DURATIONS = Path(__file__).parent / "data" / "shard-durations-warm.json"
+# A folder the gate creates for its shards' claim files: set, --shard K/N takes units from the
+# queue (claim order) rather than the fixed split. Session 18's warm H200 gates, split by weight:
+# 36 / 77 / 31 / 31 s and 52 / 35 / 38 / 36 s: flex_attention's compile seconds move between its
+# test functions from run to run (the dispatch test compiled 40 s in one warm run, 16 s in the next;
+# the model test 2 s, then 9 s), so no earlier run's durations can weigh them for the next.
+QUEUE_VARIABLE = "HARNESS_SHARD_QUEUE"
 EXCLUSIVE_MARKER = "exclusive"
 BESIDE_SHARDS_MARKER = "beside_shards"
 
@@ -100,6 +110,60 @@ def assign_shards(nodeids: list[str], count: int, weights: list[float] | None = 
         for position in groups[key]:
             shard_of[position] = target
     return shard_of
+
+
+def queue_order(nodeids: list[str], item_models: list[str | None], weights: list[float]) -> list[int]:
+    """Positions of the collected items in the order a queue's shards take them: each model's tests
+    together, models in collection order; within one, its heaviest function first (longest first
+    onto whichever process is free), each function's items in collection order."""
+    unit_weight: dict[tuple, float] = defaultdict(float)
+    first_seen: dict[tuple, int] = {}
+    model_rank: dict[str | None, int] = {}
+    units = [(model, function_key(nodeid)) for nodeid, model in zip(nodeids, item_models)]
+    for position, (unit, weight) in enumerate(zip(units, weights)):
+        unit_weight[unit] += weight
+        first_seen.setdefault(unit, position)
+        model_rank.setdefault(unit[0], len(model_rank))
+    return sorted(range(len(nodeids)), key=lambda p: (model_rank[units[p][0]], -unit_weight[units[p]],
+                                                      first_seen[units[p]], p))
+
+
+@dataclass
+class ShardQueue:
+    """One gate process's view of the shared queue: which items it runs. A unit (one function's
+    items of one model) belongs to the process that first creates its claim file (``O_EXCL``:
+    atomic on a local file system); the others pass over its items."""
+    folder: Path
+    unit_of: dict[str, str]  # node id -> its unit's claim file name
+    owned: set = field(default_factory=set)
+    others: set = field(default_factory=set)
+
+    def takes(self, nodeid: str) -> bool:
+        unit = self.unit_of[nodeid]
+        if unit not in self.owned and unit not in self.others:
+            try:
+                os.close(os.open(self.folder / unit, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                self.owned.add(unit)
+            except FileExistsError:
+                self.others.add(unit)
+        return unit in self.owned
+
+
+def shard_queue(text: str, nodeids: list[str], item_models: list[str | None], skipped: list[bool],
+                environ=None) -> tuple[list[int], ShardQueue] | None:
+    """--shard K/N in a gate process with a queue folder (QUEUE_VARIABLE): the claim order of the
+    collected items and this process's queue; None without the folder (the fixed split applies).
+    HarnessUsageError for a malformed K/N or a missing folder."""
+    parse_shard(text)
+    folder = _variable(QUEUE_VARIABLE, environ)
+    if not folder:
+        return None
+    if not Path(folder).is_dir():
+        raise HarnessUsageError(f"{QUEUE_VARIABLE}={folder}: no such folder (the gate creates it for its shards)")
+    weights = history_weights(nodeids, skipped, _variable(HISTORY_VARIABLE, environ))
+    unit_of = {nodeid: hashlib.sha1(f"{model}\0{function_key(nodeid)}".encode()).hexdigest()
+               for nodeid, model in zip(nodeids, item_models)}
+    return queue_order(nodeids, item_models, weights), ShardQueue(Path(folder), unit_of)
 
 
 def _variable(name: str, environ=None) -> str | None:

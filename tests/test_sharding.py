@@ -97,6 +97,78 @@ def test_shards_of_a_run_cover_it_exactly_once(pytester):
     assert "--shard expects K/N" in bad.stderr.str()
 
 
+def test_a_queue_hands_each_unit_to_one_process_heaviest_first_within_each_model(tmp_path):
+    """The gate's shards: one unit is one function's items of one model, claimed by the first
+    process to ask; the claim order keeps each model's tests together."""
+    from harness.sharding import QUEUE_VARIABLE, queue_order, shard_queue
+
+    ids = ["a.py::light[m1]", "b.py::heavy[m1-x]", "b.py::heavy[m1-y]", "a.py::light[m2]", "b.py::heavy[m2-x]",
+           "c.py::plain"]
+    models = ["m1", "m1", "m1", "m2", "m2", None]
+    assert queue_order(ids, models, [1.0, 5.0, 5.0, 1.0, 9.0, 20.0]) == [1, 2, 0, 4, 3, 5]
+    environ = {QUEUE_VARIABLE: str(tmp_path)}
+    first, second = (shard_queue(f"{k}/2", ids, models, [False] * 6, environ)[1] for k in (1, 2))
+    assert [first.takes(n) for n in ids[:3]] == [True, True, True]
+    assert [second.takes(n) for n in ids] == [False, False, False, True, True, True]
+    assert [first.takes(n) for n in ids[3:]] == [False, False, False]
+    assert shard_queue("1/2", ids, models, [False] * 6, {}) is None  # no folder: the fixed split
+    with pytest.raises(HarnessUsageError, match="no such folder"):
+        shard_queue("1/2", ids, models, [False] * 6, {QUEUE_VARIABLE: str(tmp_path / "gone")})
+
+
+QUEUED_SUITE = '''
+import os
+import pytest
+
+def log(event):
+    with open(os.environ["EVENTS"], "a") as out:
+        out.write(event + "\\n")
+
+@pytest.fixture(scope="module")
+def module_state():
+    log("a set up")
+    yield
+    log("a torn down")
+
+def test_a1(module_state):
+    log("a1")
+
+def test_a2(module_state):
+    log("a2")
+
+def test_a3(module_state):
+    log("a3")
+
+def test_a4(module_state):
+    log("a4")
+'''
+
+
+def test_a_queue_shard_runs_only_what_it_claims_and_tears_down_before_the_next(pytester, monkeypatch, tmp_path):
+    """Other processes hold test_a2 and test_a4: this one runs test_a1, test_a3 and test_b1, and tears
+    the module fixture down after test_a3, not after test_a4 that it passes over (kept up for that,
+    it would be left over at test_b1 of the next module: 'previous item was not torn down properly')."""
+    from harness.sharding import QUEUE_VARIABLE, shard_queue
+
+    pytester.makepyfile(test_demo=QUEUED_SUITE, test_next="from test_demo import log\ndef test_b1():\n    log('b1')\n")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    monkeypatch.setenv(QUEUE_VARIABLE, str(queue))
+    monkeypatch.setenv("EVENTS", str(tmp_path / "events"))
+    held = ["test_demo.py::test_a2", "test_demo.py::test_a4"]
+    other = shard_queue("2/2", held, [None, None], [False, False], {QUEUE_VARIABLE: str(queue)})[1]
+    assert all(other.takes(nodeid) for nodeid in held)
+    result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                          "--device", "cpu", "--shard", "1/2", "-v")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    ran = sorted(line.split(" ")[0] for line in result.outlines if " PASSED" in line)
+    assert ran == ["test_demo.py::test_a1", "test_demo.py::test_a3", "test_next.py::test_b1"]
+    assert (tmp_path / "events").read_text().splitlines() == ["a set up", "a1", "a3", "a torn down", "b1"]
+    again = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                         "--device", "cpu", "--shard", "2/2", "-v")
+    assert again.ret == pytest.ExitCode.NO_TESTS_COLLECTED or " PASSED" not in again.stdout.str()
+
+
 EXCLUSIVE_SUITE = '''
 import json, os, pathlib, threading, time
 import pytest
