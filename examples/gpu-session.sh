@@ -6,7 +6,7 @@
 #     bash .gpuwheels/pK/stash.sh                      (K = 1..N-1)
 #     bash .gpuwheels/pN/stash.sh && . /root/stash/env.sh && bash examples/gpu-session.sh PHASE
 # Later calls on the same (still warm) machine: . /root/stash/env.sh && bash examples/gpu-session.sh PHASE
-# The tracked tree takes ~24 MB of the 64 MiB a call carries: split the wheels into 40 MB parts, and
+# The tracked tree takes ~28 MB of the 64 MiB a call carries: split the wheels into 34 MB parts, and
 # repack bitsandbytes with only libbitsandbytes_cpu/_cuda130/_cuda132.so (43 MB -> 7 MB; torch 2.11+cu130
 # there loads cuda130), so the default model and both packages travel in three calls.
 # Every step has a time cap; each phase stays inside one 10-minute call and leaves its logs, a

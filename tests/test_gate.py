@@ -69,7 +69,7 @@ def test_baseline_is_saved_from_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("argv, gpus, expected", [
-    (["--model", "smollm2-135m"], 1, 4),                          # small model on a GPU host (16 CPUs)
+    (["--model", "smollm2-135m"], 1, 6),                          # small model on a GPU host (16 CPUs)
     (["--model", "smollm2-135m", "--device", "cpu"], 1, 1),
     (["--model", "smollm2-135m"], 0, 1),                          # no GPU
     (["--model", "random:llama-7b"], 1, 1),                       # references sized by free memory
