@@ -23,7 +23,7 @@ from harness.performance.run_times import (COMPILE_ATTRIBUTE, CounterClock, RunT
 from harness.profiles import register_hypothesis_profiles
 from harness.reporting.outcomes import benchmark_document, decides_outcome, outcome_row
 from harness.results import Result, suite_of
-from harness.sharding import seconds_waited
+from harness.sharding import refuse_queue_under_xdist, seconds_waited
 
 PLANTED_FAULT_ENV = "HARNESS_PLANTED_FAULT"
 
@@ -185,6 +185,7 @@ def start_session(options: dict, xdist_workers: int, planted_fault) -> RunSessio
 
     # before anything initialises CUDA: an xdist worker sees only its own GPU
     setup_xdist_gpus(planned_workers=xdist_workers)
+    refuse_queue_under_xdist(options.get("shard"), xdist_workers)
     run = run_config(options)
     specs = [s for text in run.models for s in resolve_model(
         text, allow_remote_code=run.allow_remote_code, allow_pickle=run.allow_pickle)]

@@ -166,6 +166,14 @@ def shard_queue(text: str, nodeids: list[str], item_models: list[str | None], sk
     return queue_order(nodeids, item_models, weights), ShardQueue(Path(folder), unit_of)
 
 
+def refuse_queue_under_xdist(shard_text: str | None, xdist_workers: int, environ=None) -> None:
+    """A queue's shard runs its own test loop, which pytest-xdist's workers would replace:
+    HarnessUsageError for --shard with QUEUE_VARIABLE set and -n."""
+    if shard_text and xdist_workers and _variable(QUEUE_VARIABLE, environ):
+        raise HarnessUsageError(f"--shard with {QUEUE_VARIABLE} set (the gate's queue) does not run under "
+                                "pytest-xdist: drop -n, or unset the variable for a fixed split")
+
+
 def _variable(name: str, environ=None) -> str | None:
     """One of the gate's variables from ``environ`` (tests pass a dict), else from this process's."""
     return (environ if environ is not None else os.environ).get(name)

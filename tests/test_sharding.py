@@ -167,6 +167,9 @@ def test_a_queue_shard_runs_only_what_it_claims_and_tears_down_before_the_next(p
     again = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
                                          "--device", "cpu", "--shard", "2/2", "-v")
     assert again.ret == pytest.ExitCode.NO_TESTS_COLLECTED or " PASSED" not in again.stdout.str()
+    under_xdist = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--device", "cpu",
+                                               "--shard", "1/2", "-n", "1")
+    assert under_xdist.ret == pytest.ExitCode.USAGE_ERROR and "does not run under pytest-xdist" in under_xdist.stderr.str()
 
 
 EXCLUSIVE_SUITE = '''
