@@ -112,6 +112,11 @@ def assign_shards(nodeids: list[str], count: int, weights: list[float] | None = 
     return shard_of
 
 
+def _queue_unit(nodeid: str, model: str | None) -> tuple[str | None, str]:
+    """What one claim of the gate's queue covers: one test function's items of one model."""
+    return model, function_key(nodeid)
+
+
 def queue_order(nodeids: list[str], item_models: list[str | None], weights: list[float]) -> list[int]:
     """Positions of the collected items in the order a queue's shards take them: each model's tests
     together, models in collection order; within one, its heaviest function first (longest first
@@ -119,7 +124,7 @@ def queue_order(nodeids: list[str], item_models: list[str | None], weights: list
     unit_weight: dict[tuple, float] = defaultdict(float)
     first_seen: dict[tuple, int] = {}
     model_rank: dict[str | None, int] = {}
-    units = [(model, function_key(nodeid)) for nodeid, model in zip(nodeids, item_models)]
+    units = [_queue_unit(nodeid, model) for nodeid, model in zip(nodeids, item_models)]
     for position, (unit, weight) in enumerate(zip(units, weights)):
         unit_weight[unit] += weight
         first_seen.setdefault(unit, position)
@@ -161,7 +166,7 @@ def shard_queue(text: str, nodeids: list[str], item_models: list[str | None], sk
     if not Path(folder).is_dir():
         raise HarnessUsageError(f"{QUEUE_VARIABLE}={folder}: no such folder (the gate creates it for its shards)")
     weights = history_weights(nodeids, skipped, _variable(HISTORY_VARIABLE, environ))
-    unit_of = {nodeid: hashlib.sha1(f"{model}\0{function_key(nodeid)}".encode()).hexdigest()
+    unit_of = {nodeid: hashlib.sha1(repr(_queue_unit(nodeid, model)).encode()).hexdigest()
                for nodeid, model in zip(nodeids, item_models)}
     return queue_order(nodeids, item_models, weights), ShardQueue(Path(folder), unit_of)
 
