@@ -229,14 +229,17 @@ def _run_processes(processes: list[Process], parts_root: Path) -> None:
     """Start every process at once (the exclusive one imports, collects and sets up its
     beside_shards tests, then waits for the shards: harness.sharding); when the shards are done,
     let it run; print each one's summary line and failures as it ends."""
-    from harness.sharding import HISTORY_VARIABLE, START_AFTER_VARIABLE
+    import time
+
+    from harness.sharding import GATE_STARTED_VARIABLE, HISTORY_VARIABLE, START_AFTER_VARIABLE
 
     flag = parts_root / "shards-done"
+    began = repr(time.time())
     history = Path(processes[0].report_dir).parent.parent / "latest" / "results.json"
     threads = str(max(1, (os.cpu_count() or 1) // max(1, len(processes) - 1)))
     running = []
     for process in processes:
-        env = dict(process.env)
+        env = {**process.env, GATE_STARTED_VARIABLE: began}
         if history.is_file():  # the shards split by the previous run's durations (harness.sharding)
             env.setdefault(HISTORY_VARIABLE, str(history.resolve()))
         if process is processes[-1]:

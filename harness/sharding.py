@@ -69,6 +69,11 @@ WARM_DURATIONS = Path(__file__).parent / "data" / "shard-durations-warm.json"
 # test functions from run to run (the dispatch test compiled 40 s in one warm run, 16 s in the next;
 # the model test 2 s, then 9 s), so no earlier run's durations can weigh them for the next.
 QUEUE_VARIABLE = "HARNESS_SHARD_QUEUE"
+# Set by the gate on each of its processes: when it started them (seconds since the epoch). Such a
+# process writes its report's data but renders no report (the gate merges the parts and renders one;
+# matplotlib's plots cost ~1.5 s, paid by the last shard before the exclusive tests may start), and
+# its results.json says how long it took to start (imports, configure) and how long it waited.
+GATE_STARTED_VARIABLE = "HARNESS_GATE_STARTED"
 EXCLUSIVE_MARKER = "exclusive"
 BESIDE_SHARDS_MARKER = "beside_shards"
 
@@ -277,6 +282,24 @@ def waits_for_shards(environ=None) -> bool:
 def beside_shards_first(marked: list[bool]) -> list[int]:
     """Positions of the collected items with the ones marked beside_shards first, order kept otherwise."""
     return sorted(range(len(marked)), key=lambda i: not marked[i])
+
+
+def gate_started(environ=None) -> float | None:
+    """When the gate that started this process started it (None: not a gate's process)."""
+    text = _variable(GATE_STARTED_VARIABLE, environ)
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def process_timeline(started: float, environ=None) -> dict | None:
+    """A gate process's start-up (from the gate starting it to pytest's configure, `started`) and
+    its wait for the shards, in seconds; None outside a gate."""
+    began = gate_started(environ)
+    if began is None:
+        return None
+    return {"startup_s": round(max(started - began, 0.0), 2), "waited_s": round(seconds_waited(), 2)}
 
 
 _waited = {"seconds": 0.0}

@@ -113,6 +113,8 @@ def test_side_by_side_gate_merges_one_report(tmp_path):
     calls = sorted(row["nodeid"].split("::")[-1] for row in summary["outcomes"] if row["when"] == "call")
     assert calls == ["test_alone", "test_bad", "test_ok[tiny:llama]"]
     assert [p["name"] for p in summary["phases"]] == ["shard 1/2", "shard 2/2", "exclusive"]
+    assert all(0 < p["startup_s"] < summary["wall_time_s"] and p["waited_s"] >= 0 for p in summary["phases"])
+    assert "process" not in summary and "| start-up s | waited s |" in (latest / "report.md").read_text()
     assert [r["value"] for r in summary["results"] if r["check"] == "env"] == ["no"]
     assert (latest / "report.md").read_text().startswith("# Inference validation report: FAIL")
     assert sorted(p.name for p in (latest / "logs").glob("*.log")) == ["exclusive.log", "shard-1-of-2.log",

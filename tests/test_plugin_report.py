@@ -88,6 +88,22 @@ def test_each_run_gets_a_new_directory(run, pytester):
     assert not [p for p in (pytester.path / "out").rglob(".*tmp*")]
 
 
+def test_a_gate_part_writes_its_data_and_timeline_but_no_report(run, pytester, monkeypatch):
+    """A process the gate started (harness.sharding.GATE_STARTED_VARIABLE) leaves the rendering to
+    the gate's merge, and its results.json says how long it took to start and how long it waited."""
+    import time
+
+    monkeypatch.setenv("HARNESS_GATE_STARTED", repr(time.time() - 5.0))
+    run("--model", "tiny:llama", "-k", "records", "--report-dir", "out")
+    latest = pytester.path / "out" / "latest"
+    assert sorted(p.name for p in latest.iterdir()) == ["capabilities.json", "junit.xml", "results.json"]
+    timeline = json.loads((latest / "results.json").read_text())["process"]
+    assert 5.0 <= timeline["startup_s"] < 120 and timeline["waited_s"] == 0.0
+    monkeypatch.delenv("HARNESS_GATE_STARTED")
+    run("--model", "tiny:llama", "-k", "records", "--report-dir", "out")
+    assert (latest / "report.md").is_file() and "process" not in json.loads((latest / "results.json").read_text())
+
+
 GROUPING_SUITE = '''
 import pytest
 

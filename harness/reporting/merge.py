@@ -3,7 +3,8 @@ exclusive phase, harness.sharding): results.json, benchmarks.json and junit.xml 
 files (NIAH tables and plots) copied, report.md and report.html rendered from the merged data.
 
 The merged results.json is what one process would have written, plus ``phases``: each process's
-selection, exit status, wall time and test count, so the report can say how the time was spent.
+selection, exit status, start-up and wait (harness.sharding.process_timeline), wall time and test
+count, so the report can say how the time was spent. The parts render no report of their own.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def merge_summaries(parts: list[tuple[dict, dict]], wall_time_s: float) -> dict:
     for s in summaries:
         tracebacks.update(s.get("tracebacks") or {})
     return {
-        **first,
+        **{key: value for key, value in first.items() if key != "process"},  # each part's timeline: in phases
         "exit_status": status,
         "verdict": "PASS" if status == 0 else "FAIL",
         "started": min(s["started"] for s in summaries if s.get("started")),
@@ -71,7 +72,7 @@ def merge_summaries(parts: list[tuple[dict, dict]], wall_time_s: float) -> dict:
         "results": [row for s in summaries for row in s.get("results", [])],
         "capabilities": next((s["capabilities"] for s in summaries if s.get("capabilities")), []),
         "tracebacks": tracebacks,
-        "phases": [{**phase, "exit_status": s["exit_status"], "wall_time_s": s.get("wall_time_s"),
+        "phases": [{**phase, "exit_status": s["exit_status"], **(s.get("process") or {}), "wall_time_s": s.get("wall_time_s"),
                     "tests": len([r for r in s.get("outcomes", []) if r.get("when") == "call"])}
                    for s, phase in parts],
     }

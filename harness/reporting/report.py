@@ -27,6 +27,7 @@ from pathlib import Path
 from harness.reporting import text
 from harness.backends.capabilities import dtype_name
 from harness.session import RunSession
+from harness.sharding import gate_started, process_timeline
 from harness.reporting.elements import Limits, ReportView
 from harness.reporting.view import build_view
 
@@ -105,6 +106,7 @@ def build_summary(state: RunSession, caps, exitstatus: int) -> dict:
         "capabilities": [c.to_dict() for c in caps] + [c.to_dict() for rows in state.model_capabilities.values()
                                                         for c in rows],
         "tracebacks": state.failure_texts,
+        **({"process": timeline} if (timeline := process_timeline(state.started)) else {}),
     }
 
 
@@ -256,12 +258,16 @@ def render_run(run_dir: Path, summary: dict, benchmarks: dict | None = None, *, 
 
 
 def write_report(run_dir: Path, state: RunSession, caps, exitstatus: int) -> dict:
+    """The run's data files, and report.md / report.html from them unless the process is one part
+    of a gate's run (harness.sharding.GATE_STARTED_VARIABLE: the gate renders the merged report)."""
     summary = build_summary(state, caps, exitstatus)
     atomic_write(run_dir / "results.json", json.dumps(summary, indent=1, default=str))
     atomic_write(run_dir / "capabilities.json", json.dumps(summary["capabilities"], indent=1))
     benchmarks = state.benchmarks  # pytest-benchmark's JSON document, when benchmarks ran
     if benchmarks:
         atomic_write(run_dir / "benchmarks.json", json.dumps(benchmarks, indent=1, default=str))
+    if gate_started() is not None:
+        return summary
     return render_run(run_dir, summary, benchmarks)
 
 

@@ -115,15 +115,17 @@ def suites_section(summary: dict) -> Section:
                                         + (" Summed over the processes below (process seconds, not wall time)."
                                            if summary.get("phases") else "")))
     if summary.get("phases"):  # harness.gate ran shards side by side, then the exclusive tests alone
+        seconds = lambda value: Cell(f"{value:.1f}" if is_number(value) else "n/a")  # noqa: E731
         section.tables.append(Table(
-            ["process", "selection", "exit", "wall s", "tests"],
+            ["process", "selection", "exit", "start-up s", "waited s", "wall s", "tests"],
             [[Cell(p["name"]), Cell(p.get("selection", "")), Cell(str(p.get("exit_status")), "fail" if p.get("exit_status") not in (0, 5) else None),
-              Cell(f"{p['wall_time_s']:.1f}" if is_number(p.get("wall_time_s")) else "n/a"), Cell(str(p.get("tests", 0)))]
-             for p in summary["phases"]], ["l", "l", "r", "r", "r"],
+              seconds(p.get("startup_s")), seconds(p.get("waited_s")), seconds(p.get("wall_time_s")), Cell(str(p.get("tests", 0)))]
+             for p in summary["phases"]], ["l", "l", "r", "r", "r", "r", "r"],
             caption="The gate's processes: the shards ran side by side, then the exclusive tests (speed, device "
-                    "memory) alone on the device (harness.sharding). The exclusive process started with the "
-                    "shards, set up its beside_shards tests (compile warm-ups) and waited for them, so its "
-                    "wall time includes that wait; its tests' times do not."))
+                    "memory) alone on the device (harness.sharding). Start-up: from the gate starting the "
+                    "process to pytest's configure (imports, the model's files). The exclusive process started "
+                    "with the shards, set up its beside_shards tests (compile warm-ups) and waited for them, so "
+                    "its wall time includes that wait; its tests' times do not."))
     return section
 
 
