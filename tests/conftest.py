@@ -36,10 +36,16 @@ def _preload_lazy_modules() -> None:
             pass  # absent here: the tests that need it skip
 
 
-_preload_lazy_modules()
-
-
 import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # pytest-xdist's controller runs no test: on the 2-core CI machine its copy of the preload (~9 s
+    # of CPU) only delayed the workers' own
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    _preload_lazy_modules()
 
 
 @pytest.fixture
