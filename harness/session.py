@@ -42,7 +42,10 @@ class RunSession:
     outcomes: list[dict] = field(default_factory=list)  # one row per test phase that decided an outcome
     run_times: RunTimes = field(default_factory=RunTimes)
     compile_clock: CounterClock = field(default_factory=CounterClock)
-    wait_clock: CounterClock = field(default_factory=lambda: CounterClock(0.0))  # a counter from 0: no baseline read
+    wait_clock: CounterClock = field(default_factory=lambda: CounterClock(0.0))  # reads seconds_waited(), from 0
+    # the process-wide wait counter when this session began: an in-process run (pytester) after one
+    # that waited for shards starts from its own zero
+    waited_before: float = field(default_factory=seconds_waited)
     capabilities: tuple | None = None  # the device's matrix, probed on first use
     model_capabilities: dict = field(default_factory=dict)  # model name -> its rows (harness.models.capabilities)
     benchmarks: dict | None = None  # pytest-benchmark's JSON document, at the end of the run
@@ -113,9 +116,13 @@ class RunSession:
         """As a phase's report is made, in the process that ran the phase: its compile seconds, and
         its duration less any wait for the gate's shards in it (harness.sharding.wait_for_start)."""
         setattr(report, COMPILE_ATTRIBUTE, self.compile_clock.since_last(compile_seconds_so_far()))
-        waited = self.wait_clock.since_last(seconds_waited())
+        waited = self.wait_clock.since_last(self.seconds_waited())
         if waited:
             report.duration = max(report.duration - waited, 0.0)
+
+    def seconds_waited(self) -> float:
+        """Seconds this run has waited for the gate's shards (harness.sharding.wait_for_start)."""
+        return max(seconds_waited() - self.waited_before, 0.0)
 
     def record_phase(self, report) -> None:
         """A test phase's report: one outcome row where the phase decided the outcome (call, or a

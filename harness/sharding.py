@@ -293,13 +293,13 @@ def gate_started(environ=None) -> float | None:
         return None
 
 
-def process_timeline(started: float, environ=None) -> dict | None:
+def process_timeline(started: float, waited_s: float, environ=None) -> dict | None:
     """A gate process's start-up (from the gate starting it to pytest's configure, `started`) and
-    its wait for the shards, in seconds; None outside a gate."""
+    its wait for the shards (`waited_s`), in seconds; None outside a gate."""
     began = gate_started(environ)
     if began is None:
         return None
-    return {"startup_s": round(max(started - began, 0.0), 2), "waited_s": round(seconds_waited(), 2)}
+    return {"startup_s": round(max(started - began, 0.0), 2), "waited_s": round(waited_s, 2)}
 
 
 _waited = {"seconds": 0.0}

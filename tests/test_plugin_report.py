@@ -93,6 +93,9 @@ def test_a_gate_part_writes_its_data_and_timeline_but_no_report(run, pytester, m
     the gate's merge, and its results.json says how long it took to start and how long it waited."""
     import time
 
+    from harness import sharding
+
+    monkeypatch.setitem(sharding._waited, "seconds", 3.0)  # an earlier in-process run waited: not this one's
     monkeypatch.setenv("HARNESS_GATE_STARTED", repr(time.time() - 5.0))
     run("--model", "tiny:llama", "-k", "records", "--report-dir", "out")
     latest = pytester.path / "out" / "latest"

@@ -106,7 +106,7 @@ def build_summary(state: RunSession, caps, exitstatus: int) -> dict:
         "capabilities": [c.to_dict() for c in caps] + [c.to_dict() for rows in state.model_capabilities.values()
                                                         for c in rows],
         "tracebacks": state.failure_texts,
-        **({"process": timeline} if (timeline := process_timeline(state.started)) else {}),
+        **({"process": timeline} if (timeline := process_timeline(state.started, state.seconds_waited())) else {}),
     }
 
 
