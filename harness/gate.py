@@ -17,6 +17,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,7 +194,6 @@ def _run_one(cmd, env, opts) -> int:
 
 def _run_phases(opts, extra, jobs) -> int:
     import shutil
-    import time
     from types import SimpleNamespace
 
     from harness.reporting.report import new_run_dir
@@ -229,8 +229,6 @@ def _run_processes(processes: list[Process], parts_root: Path) -> None:
     """Start every process at once (the exclusive one imports, collects and sets up its
     beside_shards tests, then waits for the shards: harness.sharding); when the shards are done,
     let it run; print each one's summary line and failures as it ends."""
-    import time
-
     from harness.sharding import GATE_STARTED_VARIABLE, HISTORY_VARIABLE, START_AFTER_VARIABLE
 
     flag = parts_root / "shards-done"
