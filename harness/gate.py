@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import DEFAULT_MODEL
+from harness.config import DEFAULT_MODEL, cache_root
+from harness.performance.compile_cache import bytecode_kept
 from harness.profiles import GATE_PROFILES
 
 
@@ -40,7 +41,7 @@ def build_command(opts, extra: list[str], report_dir: str | None = None) -> tupl
         cmd += ["--attn", opts.attn]
     profile = GATE_PROFILES[opts.profile]  # quick: no slow tests, the CI-sized search; full: everything
     cmd += (["--run-slow"] if profile.run_slow else []) + extra
-    env = dict(os.environ, HYPOTHESIS_PROFILE=profile.name)
+    env = bytecode_kept(dict(os.environ, HYPOTHESIS_PROFILE=profile.name), cache_root())
     env.setdefault("HF_HUB_OFFLINE", "1")
     return cmd, env
 

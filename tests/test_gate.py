@@ -34,6 +34,28 @@ def test_budget_and_thresholds_are_passed_through():
     assert cmd[cmd.index("--memory-budget") + 1] == "70GiB" and cmd[cmd.index("--thresholds") + 1] == "t.json"
 
 
+@pytest.mark.parametrize("user_prefix", [None, "/my/bytecode"])
+def test_processes_keep_bytecode_in_the_cache_where_the_environment_forbids_it_beside_the_sources(
+        monkeypatch, tmp_path, user_prefix):
+    monkeypatch.setenv("LLM_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    if user_prefix:
+        monkeypatch.setenv("PYTHONPYCACHEPREFIX", user_prefix)
+    else:
+        monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    opts, extra = gate.parse(["--model", "tiny:llama"])
+    env = gate.build_command(opts, extra)[1]
+    assert "PYTHONDONTWRITEBYTECODE" not in env
+    assert env["PYTHONPYCACHEPREFIX"] == (user_prefix or str(tmp_path / "bytecode"))
+
+
+def test_processes_write_bytecode_as_python_does_where_the_environment_allows_it(monkeypatch):
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    monkeypatch.delenv("PYTHONPYCACHEPREFIX", raising=False)
+    opts, extra = gate.parse(["--model", "tiny:llama"])
+    assert "PYTHONPYCACHEPREFIX" not in gate.build_command(opts, extra)[1]
+
+
 def test_gate_exit_status_follows_the_checks(tmp_path):
     """A passing and a failing suite, each run through the real command on a tiny preset."""
     (tmp_path / "conftest.py").write_text("pytest_plugins = ['harness.plugin']\n")
