@@ -59,9 +59,6 @@ def enable_persistent_compile_caches(root: Path, device) -> dict[str, str]:
     return {variable: os.environ[variable] for variable in CACHE_VARIABLES}
 
 
-BYTECODE_VARIABLES = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")
-
-
 def bytecode_kept(environ: dict, root: Path) -> dict:
     """``environ`` for the gate's processes, with Python bytecode written under ``root``/bytecode where
     ``environ`` forbids writing it beside the sources (a non-empty PYTHONDONTWRITEBYTECODE).
@@ -71,11 +68,11 @@ def bytecode_kept(environ: dict, root: Path) -> dict:
     20, H100, 16 CPUs: 9.4-11 s from start to pytest's configure for each of the 7 processes). The
     variable's intent, no bytecode files beside the sources or in the installed packages, is kept:
     they go to the harness's cache. A PYTHONPYCACHEPREFIX the user set is kept too."""
-    if not environ.get(BYTECODE_VARIABLES[0]):
+    if not environ.get("PYTHONDONTWRITEBYTECODE"):
         return dict(environ)
-    env = {name: value for name, value in environ.items() if name != BYTECODE_VARIABLES[0]}
-    if not env.get(BYTECODE_VARIABLES[1]):
-        env[BYTECODE_VARIABLES[1]] = str(Path(root) / "bytecode")
+    env = {name: value for name, value in environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    if not env.get("PYTHONPYCACHEPREFIX"):
+        env["PYTHONPYCACHEPREFIX"] = str(Path(root) / "bytecode")
     return env
 
 
