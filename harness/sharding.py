@@ -158,6 +158,21 @@ class ShardQueue:
                 self.others.add(unit)
         return unit in self.owned
 
+    def may_take(self, nodeid: str) -> bool:
+        """Whether ``takes`` would give this process `nodeid` if it asked now, without asking: its
+        unit is this process's, or no process has claimed it yet."""
+        unit = self.unit_of[nodeid]
+        return unit in self.owned or (unit not in self.others and not (self.folder / unit).exists())
+
+    def next_taken(self, items: list, after: int) -> int | None:
+        """The position of the first item after `after` that this process runs, claiming its unit."""
+        return next((i for i in range(after + 1, len(items)) if self.takes(items[i].nodeid)), None)
+
+    def next_likely(self, items: list, after: int):
+        """The item after `after` that this process would run next if no other claimed in between
+        (None: nothing left), claiming nothing: pytest's teardown keeps what that item needs."""
+        return next((item for item in items[after + 1:] if self.may_take(item.nodeid)), None)
+
 
 def shard_queue(text: str, nodeids: list[str], item_models: list[str | None], skipped: list[bool],
                 environ=None) -> tuple[list[int], ShardQueue] | None:

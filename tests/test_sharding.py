@@ -172,6 +172,52 @@ def test_a_queue_shard_runs_only_what_it_claims_and_tears_down_before_the_next(p
     assert under_xdist.ret == pytest.ExitCode.USAGE_ERROR and "does not run under pytest-xdist" in under_xdist.stderr.str()
 
 
+LATE_CLAIM_SUITE = '''
+import os
+import pytest
+
+def log(event):
+    with open(os.environ["EVENTS"], "a") as out:
+        out.write(event + "\\n")
+
+@pytest.fixture(scope="module")
+def module_state():
+    log("a set up")
+    yield
+    log("a torn down")
+
+def test_a1(module_state):
+    open(os.environ["OTHER_CLAIMS"], "x").close()  # another process claims test_a2 while this one runs
+    log("a1")
+
+def test_a2(module_state):
+    log("a2")
+'''
+
+
+def test_a_queue_shard_claims_its_next_unit_only_after_the_current_test(pytester, monkeypatch, tmp_path):
+    """While test_a1 runs, another process claims test_a2 (the next unit): this one passes it over and
+    runs test_c1, tearing test_a1's module down first although its teardown expected test_a2 next.
+    Claimed before test_a1 ran (its `nextitem`), test_a2 was this process's and the other's claim
+    failed: a 36 s unit then held the 53 s one after it, and one shard of a cold gate ran both."""
+    from harness.sharding import QUEUE_VARIABLE, shard_queue
+
+    pytester.makepyfile(test_demo=LATE_CLAIM_SUITE, test_next="from test_demo import log\ndef test_c1():\n    log('c1')\n")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    later = "test_demo.py::test_a2"
+    monkeypatch.setenv(QUEUE_VARIABLE, str(queue))
+    monkeypatch.setenv("EVENTS", str(tmp_path / "events"))
+    monkeypatch.setenv("OTHER_CLAIMS", str(queue / shard_queue("1/2", [later], [None], [False],
+                                                               {QUEUE_VARIABLE: str(queue)})[1].unit_of[later]))
+    result = pytester.runpytest_inprocess("-p", "harness.plugin", "-p", "no:cacheprovider", "--model", "tiny:llama",
+                                          "--device", "cpu", "--shard", "1/2", "-v")
+    assert result.ret == 0, result.stdout.str()[-2000:]
+    ran = sorted(line.split(" ")[0] for line in result.outlines if " PASSED" in line)
+    assert ran == ["test_demo.py::test_a1", "test_next.py::test_c1"]
+    assert (tmp_path / "events").read_text().splitlines() == ["a set up", "a1", "a torn down", "c1"]
+
+
 EXCLUSIVE_SUITE = '''
 import json, os, pathlib, threading, time
 import pytest
