@@ -162,7 +162,9 @@ class ShardQueue:
         """Whether ``takes`` would give this process `nodeid` if it asked now, without asking: its
         unit is this process's, or no process has claimed it yet."""
         unit = self.unit_of[nodeid]
-        return unit in self.owned or (unit not in self.others and not (self.folder / unit).exists())
+        if unit not in self.owned and unit not in self.others and (self.folder / unit).exists():
+            self.others.add(unit)  # claimed by another process
+        return unit not in self.others
 
     def next_taken(self, items: list, after: int) -> int | None:
         """The position of the first item after `after` that this process runs, claiming its unit."""

@@ -116,6 +116,25 @@ def test_a_queue_hands_each_unit_to_one_process_heaviest_first_within_each_model
         shard_queue("1/2", ids, models, [False] * 6, {QUEUE_VARIABLE: str(tmp_path / "gone")})
 
 
+def test_a_queue_says_what_it_would_take_without_claiming(tmp_path):
+    """may_take answers for a unit nobody has claimed (yes, and still nobody's), one this process
+    holds (yes) and one another holds (no); next_likely is what the next takes would return."""
+    from types import SimpleNamespace
+
+    from harness.sharding import QUEUE_VARIABLE, shard_queue
+
+    ids = ["a.py::one", "a.py::two", "a.py::three"]
+    environ = {QUEUE_VARIABLE: str(tmp_path)}
+    mine, other = (shard_queue(f"{k}/2", ids, [None] * 3, [False] * 3, environ)[1] for k in (1, 2))
+    items = [SimpleNamespace(nodeid=n) for n in ids]
+    assert mine.takes(ids[0]) and mine.may_take(ids[0])
+    assert mine.may_take(ids[1]) and mine.next_likely(items, 0) is items[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.unit_of[ids[0]]]  # asking claimed nothing
+    assert other.takes(ids[1])
+    assert not mine.may_take(ids[1]) and mine.next_likely(items, 0) is items[2]
+    assert mine.next_taken(items, 0) == 2 and not other.may_take(ids[2])
+
+
 QUEUED_SUITE = '''
 import os
 import pytest
