@@ -135,7 +135,8 @@ def test_a_queue_says_what_it_would_take_without_claiming(tmp_path):
     assert mine.next_taken(items, 0) == 2 and not other.may_take(ids[2])
 
 
-QUEUED_SUITE = '''
+# a module whose tests log their events and share a module fixture that logs its set-up and teardown
+LOGGED_MODULE = '''
 import os
 import pytest
 
@@ -148,7 +149,9 @@ def module_state():
     log("a set up")
     yield
     log("a torn down")
+'''
 
+QUEUED_SUITE = LOGGED_MODULE + '''
 def test_a1(module_state):
     log("a1")
 
@@ -191,20 +194,7 @@ def test_a_queue_shard_runs_only_what_it_claims_and_tears_down_before_the_next(p
     assert under_xdist.ret == pytest.ExitCode.USAGE_ERROR and "does not run under pytest-xdist" in under_xdist.stderr.str()
 
 
-LATE_CLAIM_SUITE = '''
-import os
-import pytest
-
-def log(event):
-    with open(os.environ["EVENTS"], "a") as out:
-        out.write(event + "\\n")
-
-@pytest.fixture(scope="module")
-def module_state():
-    log("a set up")
-    yield
-    log("a torn down")
-
+LATE_CLAIM_SUITE = LOGGED_MODULE + '''
 def test_a1(module_state):
     open(os.environ["OTHER_CLAIMS"], "x").close()  # another process claims test_a2 while this one runs
     log("a1")
