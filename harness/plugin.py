@@ -15,7 +15,7 @@ import pytest
 
 from harness.config import MARKERS, OPTIONS, RunConfig
 from harness.errors import HarnessUsageError, VariantRefused
-from harness.performance import memory_budget as budgets
+from harness.performance import hardware, memory_budget as budgets
 from harness.performance.memory import freeze_startup_objects
 from harness.results import suite_of
 from harness.session import RunSession, start_session
@@ -77,6 +77,19 @@ def pytest_xdist_auto_num_workers(config):
 
 def _state(config) -> RunSession:
     return config.stash[_STATE_KEY]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Every benchmark document (and baseline pytest-benchmark saves) names the run's hardware."""
+    machine_info[hardware.MACHINE_INFO_KEY] = hardware.run_hardware(_state(config).device)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_benchmark_compare_machine_info(config, benchmarksession, machine_info, compared_benchmark):
+    """--benchmark-compare against a baseline from other hardware is a usage error, not a verdict
+    (pytest-benchmark itself only warns)."""
+    _usage(hardware.check_same_hardware, compared_benchmark, {"machine_info": machine_info})
 
 
 def pytest_report_header(config):

@@ -3,16 +3,19 @@
 Planted fault: a benchmark whose step does its wait twice (a redundant recomputation) must fail
 the gate against a baseline saved without it, both through pytest-benchmark's
 --benchmark-compare-fail and through harness.performance.regression (which also judges extra_info rates);
-the unchanged benchmark must pass the same gate.
+the unchanged benchmark must pass the same gate. A baseline from other hardware gets no verdict
+from either.
 """
 
 import json
+import re
 
 import pytest
 
 from harness.errors import HarnessUsageError
+from harness.performance.hardware import MACHINE_INFO_KEY, cpu_model
 from harness.performance.regression import compare, load_benchmarks, main, parse_rule
-from tests.conftest import check_compare_gate
+from tests.conftest import COMPARE_GATE, check_compare_gate
 
 BENCH = '''
 import os
@@ -99,3 +102,59 @@ def test_a_baseline_that_timed_other_work_is_a_usage_error_not_a_verdict(tmp_pat
         (tmp_path / name).write_text(json.dumps(_document(tokens, 1.0)))
     assert main([str(tmp_path / "base.json"), str(tmp_path / "run.json")]) == 2
     assert "record a new baseline" in capsys.readouterr().err
+
+
+XEON = {"cpu": "Intel(R) Xeon(R) Processor (family 6 model 207 stepping 2)", "cpus": 2, "accelerator": "cpu"}
+EPYC = {"cpu": "AMD EPYC (family 25 model 1 stepping 1)", "cpus": 2, "accelerator": "cpu"}
+
+
+def _on(document: dict, hardware_record: dict | None) -> dict:
+    return {**document, "machine_info": {} if hardware_record is None else {MACHINE_INFO_KEY: hardware_record}}
+
+
+@pytest.mark.parametrize("other, named", [
+    (EPYC, "CPU 'Intel(R) Xeon(R) Processor (family 6 model 207 stepping 2)' -> 'AMD EPYC"),
+    ({**XEON, "cpus": 16}, "CPUs 2 -> 16"),
+    ({**XEON, "accelerator": "NVIDIA H100 80GB HBM3"}, "device 'cpu' -> 'NVIDIA H100 80GB HBM3'"),
+], ids=["cpu model", "cpu count", "device"])
+def test_a_baseline_from_other_hardware_is_a_usage_error_not_a_verdict(other, named, tmp_path, capsys):
+    """The same CI command ran 336 s on one 2-core host and 830 s on another (session 22): a baseline
+    from other hardware would fail correct code or pass a real slowdown. No verdict, and the reason."""
+    with pytest.raises(HarnessUsageError, match=f"other hardware \\({re.escape(named)}"):
+        compare(_on(_document(16, 1.0), XEON), _on(_document(16, 1.0), other), ["median:10%"])
+    same = compare(_on(_document(16, 1.0), XEON), _on(_document(16, 1.5), dict(XEON)), ["median:10%"])
+    assert [c.regressed for c in same] == [True]
+    (tmp_path / "base.json").write_text(json.dumps(_on(_document(16, 1.0), XEON)))
+    (tmp_path / "run.json").write_text(json.dumps(_on(_document(16, 1.0), other)))
+    assert main([str(tmp_path / "base.json"), str(tmp_path / "run.json")]) == 2
+    assert "record a baseline here" in capsys.readouterr().err
+
+
+def test_a_document_without_a_hardware_record_is_still_compared():
+    """pytest-benchmark JSON written without the harness names no hardware: nothing to check it by."""
+    assert [c.regressed for c in compare(_on(_document(16, 1.0), None), _on(_document(16, 1.5), EPYC),
+                                         ["median:10%"])] == [True]
+
+
+def test_the_cpu_is_named_with_its_family_model_and_stepping():
+    """Cloud hosts give one generic name to CPU generations of different speed."""
+    text = ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Processor\ncpu family\t: 6\nmodel\t\t: 207\n"
+            "stepping\t: 2\n\nprocessor\t: 1\nmodel name\t: something else\n")
+    assert cpu_model(text) == "Intel(R) Xeon(R) Processor (family 6 model 207 stepping 2)"
+    assert cpu_model("") == cpu_model("processor\t: 0\n")  # no /proc/cpuinfo fields: the platform's name
+
+
+@pytest.mark.filterwarnings("ignore:Benchmark machine_info is different")  # pytest-benchmark's own, in the run inside
+def test_benchmark_documents_name_the_hardware_and_pytest_benchmark_compare_refuses_other_hardware(bench, pytester):
+    """The plugin writes the run's hardware into machine_info (benchmarks.json and saved baselines),
+    and pytest-benchmark's own --benchmark-compare, which only warns about another machine_info,
+    stops with a usage error when the saved baseline's hardware differs."""
+    recorded = json.loads((pytester.path / "baseline.json").read_text())["machine_info"][MACHINE_INFO_KEY]
+    assert recorded["accelerator"] == "cpu" and recorded["cpus"] >= 1 and recorded["cpu"]
+    saved = next((pytester.path / "perf").rglob("0001_baseline.json"))
+    document = json.loads(saved.read_text())
+    document["machine_info"][MACHINE_INFO_KEY]["cpu"] = "Another CPU (family 1 model 2 stepping 3)"
+    saved.write_text(json.dumps(document))
+    refused = bench(*COMPARE_GATE)
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    assert "the baseline ran on other hardware (CPU 'Another CPU" in refused.stderr.str()

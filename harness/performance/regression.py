@@ -10,7 +10,9 @@ For time statistics pytest-benchmark's own options are the gate, and CI should u
         --benchmark-storage=file://perf --benchmark-compare=0001 --benchmark-compare-fail=median:10%
 
 Keep perf/ (or the file it writes, perf/<machine id>/0001_h100-baseline.json) as a CI artifact or
-commit it. Baselines are only comparable on the same GPU model, driver and software versions.
+commit it. Baselines are only comparable on the same hardware: pytest-benchmark's machine id names
+the OS and Python alone, so the harness writes the CPU and device into machine_info
+(harness.performance.hardware) and this module refuses a baseline from other hardware.
 
 This module adds what those options cannot do: compare the figures the benchmarks put in
 `extra_info` (tokens/s, MBU, MFU: higher is better), and compare two JSON files that live
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessUsageError
+from harness.performance.hardware import check_same_hardware
 
 STATS_FIELDS = ("min", "max", "mean", "median", "stddev", "iqr", "q1", "q3", "ld15iqr", "hd15iqr")
 # What a benchmark times, as its extra_info records it: a baseline that generated another number of
@@ -97,8 +100,8 @@ class Comparison:
                 f"({self.change * 100:+.1f}% worse, limit {self.rule}) {verdict}")
 
 
-def load_benchmarks(source) -> dict[str, dict]:
-    """pytest-benchmark JSON (a path or the parsed document) -> {fullname: benchmark}."""
+def load_document(source) -> dict:
+    """pytest-benchmark JSON (a path or the parsed document), checked to hold a benchmarks list."""
     if isinstance(source, dict):
         data = source
     else:
@@ -109,7 +112,12 @@ def load_benchmarks(source) -> dict[str, dict]:
             raise HarnessUsageError(f"{path}: not a readable pytest-benchmark JSON file ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise HarnessUsageError(f"{source if not isinstance(source, dict) else 'document'}: no 'benchmarks' list (not pytest-benchmark JSON)")
-    return {b["fullname"]: b for b in data["benchmarks"]}
+    return data
+
+
+def load_benchmarks(source) -> dict[str, dict]:
+    """pytest-benchmark JSON (a path or the parsed document) -> {fullname: benchmark}."""
+    return {b["fullname"]: b for b in load_document(source)["benchmarks"]}
 
 
 def _value(bench: dict, field: str):
@@ -126,10 +134,13 @@ def workload_differences(base: dict, cur: dict) -> list[str]:
 
 
 def compare(baseline, current, rules) -> list[Comparison]:
-    """Every (benchmark present in both, rule whose field both have) pair. A benchmark that timed
-    other work in the baseline (WORKLOAD_FIELDS) is a usage error: no verdict can come from it."""
+    """Every (benchmark present in both, rule whose field both have) pair. A baseline from other
+    hardware (harness.performance.hardware), or a benchmark that timed other work in it
+    (WORKLOAD_FIELDS), is a usage error: no verdict can come from it."""
     rules = [parse_rule(r) if isinstance(r, str) else r for r in rules]
-    base, cur = load_benchmarks(baseline), load_benchmarks(current)
+    base_doc, cur_doc = load_document(baseline), load_document(current)
+    check_same_hardware(base_doc, cur_doc)
+    base, cur = load_benchmarks(base_doc), load_benchmarks(cur_doc)
     shared = sorted(base.keys() & cur.keys())
     other_work = {name: diff for name in shared if (diff := workload_differences(base[name], cur[name]))}
     if other_work:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from harness.reporting import text
 from harness.backends.capabilities import dtype_name
+from harness.performance.hardware import run_hardware
 from harness.session import RunSession
 from harness.sharding import gate_started, process_timeline
 from harness.reporting.elements import Limits, ReportView
@@ -78,8 +79,10 @@ def _environment(state) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "transformers": transformers.__version__, "device": str(state.device),
            "dtype": dtype_name(state.dtype), "host": platform.node()}
+    machine = run_hardware(state.device)
+    env.update(cpu=machine["cpu"], cpus=machine["cpus"])
     if state.device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(state.device)
+        env["gpu"] = machine["accelerator"]
         env["cuda"] = torch.version.cuda
     return env
 

@@ -192,7 +192,7 @@ def environment_section(summary: dict) -> Section:
     for m in summary.get("models", []):
         facts.append([Cell("model"), Cell(f"{m['name']} ({m.get('kind', '')}; "
                                           f"{'trained weights' if m.get('trained_weights') else 'random weights'})")])
-    for key in ("gpu", "device", "dtype", "torch", "cuda", "transformers", "python"):
+    for key in ("gpu", "cpu", "cpus", "device", "dtype", "torch", "cuda", "transformers", "python"):
         if env.get(key):
             facts.append([Cell(key), Cell(str(env[key]))])
     for key, value in (summary.get("run") or {}).items():

@@ -71,7 +71,8 @@ def build_view(summary: dict, benchmarks: dict | None = None, comparisons=(), *,
     for m in summary.get("models", []):
         facts.append(f"Model {m['name']} ({m.get('kind', '')}; {_weights_fact(m, summary)})")
     get = lambda key: env.get(key, "n/a")  # noqa: E731
-    facts.append(f"Device {env.get('gpu', get('device'))} ({get('device')}), dtype {get('dtype')}; "
+    host = f" on {env['cpus']} CPUs, {env['cpu']}" if env.get("cpu") else ""  # the times below are this host's
+    facts.append(f"Device {env.get('gpu', get('device'))} ({get('device')}){host}, dtype {get('dtype')}; "
                  f"torch {get('torch')}, transformers {get('transformers')}, Python {get('python')}")
     facts.append(f"Started {summary.get('started', 'n/a')}, wall time {summary.get('wall_time_s', 'n/a')} s, "
                  f"pytest exit status {summary.get('exit_status', 'n/a')}")
